@@ -1,0 +1,229 @@
+"""The adapted-model wrapper every method builds on."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from testtime.adapt.config import MethodConfig
+from testtime.errors import DataError, ModelError
+
+SourceData = tuple[torch.Tensor, torch.Tensor]
+
+
+def as_source_data(data: Any) -> SourceData | None:
+    """Normalise source samples to (float NCHW in [0, 1], int64 labels); accepts an ImageSet too."""
+    if data is None:
+        return None
+    if hasattr(data, "x") and hasattr(data, "y"):  # testtime.data.cifar.ImageSet (uint8 NHWC)
+        x = torch.from_numpy(data.x).permute(0, 3, 1, 2).float().div(255)
+        return x.contiguous(memory_format=torch.channels_last), torch.as_tensor(data.y, dtype=torch.long)
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise DataError("source_data must be (images, labels) tensors or an ImageSet")
+    x, y = data
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 4):
+        raise DataError("source_data images must be a float tensor (N, C, H, W) in [0, 1]")
+    y = torch.as_tensor(y, dtype=torch.long)
+    if y.dim() != 1 or len(y) != len(x) or len(x) == 0:
+        raise DataError(
+            f"source_data needs one label per image, got {len(x)} images and {tuple(y.shape)} labels"
+        )
+    return x, y
+
+
+def first_conv_in_channels(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+class AdaptedModel(nn.Module):
+    """A classifier wrapped by a test-time method.
+
+    Calling it on a batch returns logits and (for adapting methods) updates its state;
+    `reset()` restores the state it had when wrapped, bit for bit. Subclasses implement
+    `setup()` (prepare the model: norm policy, trainable parameters, optimiser, teacher, ...)
+    and `step(x)` (predict and adapt on one batch).
+    """
+
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    paper: ClassVar[str] = ""
+    min_batch_size: ClassVar[int] = 1  # smallest batch the method can work with
+    batch_limitation: ClassVar[str] = ""  # why, when min_batch_size > 1
+
+    def __init__(
+        self, model: nn.Module, config: MethodConfig | None = None, source_data: SourceData | None = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        config = config if config is not None else self.Config()
+        if not isinstance(config, self.Config):
+            raise ModelError(f"{self.name} expects a {self.Config.__name__}, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.model = model
+        # labelled source (training) samples for methods that use them (CAFA stats, RMT warm-up, ...)
+        self.source_data = as_source_data(source_data)
+        self.in_channels = first_conv_in_channels(model)
+        self.optimizer: torch.optim.Optimizer | None = None
+        # the method's random source; its state is part of state_dict() and of reset()
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.register_buffer("n_batches", torch.zeros((), dtype=torch.long))
+        self.register_buffer("n_images", torch.zeros((), dtype=torch.long))
+        self.register_buffer("n_forward", torch.zeros((), dtype=torch.long))  # image-forward passes
+        self.register_buffer("n_backward", torch.zeros((), dtype=torch.long))  # image-backward passes
+        self.register_buffer("n_skipped", torch.zeros((), dtype=torch.long))  # non-finite updates skipped
+        self.model.eval()
+        self.setup()
+        self._count_hooks = [
+            net.register_forward_pre_hook(self._count_forward) for net in self.counted_networks()
+        ]
+        self._snapshot = self._capture()
+
+    # ----------------------------------------------------------------- to implement
+    def setup(self) -> None:
+        """Prepare the wrapped model (called once, before the source snapshot is taken)."""
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict (and adapt on) one validated batch; return logits."""
+        raise NotImplementedError
+
+    def counted_networks(self) -> list[nn.Module]:
+        """Networks whose forward passes count towards `n_forward` (model, teacher, anchor...)."""
+        return [self.model]
+
+    def reset_extra(self) -> None:
+        """Restore state not held in tensors registered on this module (override if any)."""
+
+    # ----------------------------------------------------------------- framework
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"rng": self.rng.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.rng.set_state(state["rng"])
+
+    def _count_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            self.n_forward += args[0].shape[0]
+
+    def _capture(self) -> dict[str, Any]:
+        return {
+            "module": copy.deepcopy(self.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
+        }
+
+    COUNTERS: ClassVar[tuple[str, ...]] = ("n_batches", "n_images", "n_forward", "n_backward", "n_skipped")
+
+    def reset(self) -> None:
+        """Restore the source state (weights, statistics, optimiser, teacher, memory) exactly.
+
+        Usage counters (batches, images, passes) keep counting across resets.
+        """
+        kept = {k: getattr(self, k).clone() for k in self.COUNTERS}
+        self.load_state_dict(self._snapshot["module"])
+        for k, v in kept.items():
+            getattr(self, k).copy_(v)
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+            self.optimizer.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
+        self.reset_extra()
+
+    def train(self, mode: bool = True) -> AdaptedModel:
+        """Adaptation behaviour does not depend on train/eval mode; the wrapped model stays in eval."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def check_input(self, x: Any) -> torch.Tensor:
+        """Validate a batch before any state is touched; raise DataError naming the problem."""
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"{self.name}: expected a torch.Tensor batch, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise DataError(
+                f"{self.name}: expected a floating-point batch (images scaled to [0, 1]), got {x.dtype}"
+            )
+        if x.dim() != 4:
+            raise DataError(f"{self.name}: expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise DataError(f"{self.name}: empty batch")
+        if self.in_channels is not None and x.shape[1] != self.in_channels:
+            raise DataError(
+                f"{self.name}: model expects {self.in_channels} channels, batch has shape {tuple(x.shape)}"
+            )
+        if x.shape[0] < self.min_batch_size:
+            raise DataError(
+                f"{self.name} needs batches of at least {self.min_batch_size} samples "
+                f"({self.batch_limitation}); got {x.shape[0]}"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise DataError(f"{self.name}: batch contains NaN or Inf values")
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.check_input(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        logits = self.step(x)
+        self.n_batches += 1
+        self.n_images += x.shape[0]
+        return logits.detach()
+
+    # ----------------------------------------------------------------- helpers for methods
+    def backward_and_step(self, loss: torch.Tensor, n_images: int) -> bool:
+        """Backpropagate `loss` and take an optimiser step unless loss or gradients are non-finite.
+
+        Returns whether the update was applied; skipped updates leave weights unchanged.
+        """
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(float(loss.detach())):
+            self.n_skipped += 1
+            return False
+        loss.backward()
+        self.n_backward += n_images
+        if not self.grads_finite():
+            self.optimizer.zero_grad(set_to_none=True)
+            self.n_skipped += 1
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def grads_finite(self) -> bool:
+        assert self.optimizer is not None
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.stack([g.detach().abs().sum() for g in grads])).all())
+
+    @contextmanager
+    def no_count(self) -> Iterator[None]:
+        """Forward passes inside are not counted (e.g. an evaluation-only pass)."""
+        before = self.n_forward.clone()
+        try:
+            yield
+        finally:
+            self.n_forward.copy_(before)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "batches": int(self.n_batches),
+            "images": int(self.n_images),
+            "forward_images": int(self.n_forward),
+            "backward_images": int(self.n_backward),
+            "skipped_updates": int(self.n_skipped),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """Method name, config and adapted-parameter count, for results files."""
+        n_adapted = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {"method": self.name, "config": asdict(self.config), "adapted_params": n_adapted}

@@ -1,0 +1,1 @@
+"""Composable parts that method recipes are built from."""

@@ -1,0 +1,34 @@
+"""Shared method skeletons: a norm policy + trainable-parameter selection + optimiser."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from testtime.adapt.base import AdaptedModel
+from testtime.adapt.components.norm import AdaptiveNorm, BatchStatsNorm, convert_norm
+from testtime.adapt.components.optim import build_optimizer
+from testtime.adapt.components.params import select_params
+from testtime.adapt.config import OptimConfig
+
+
+class GradientMethod(AdaptedModel):
+    """A method that normalises with `norm_policy`, trains `trainable` parameters with an optimiser.
+
+    Subclasses set the class attributes and implement `step`.
+    """
+
+    norm_policy: ClassVar[type[AdaptiveNorm] | None] = BatchStatsNorm
+    trainable: ClassVar[str] = "norm"  # see components.params.PARAM_SELECTORS
+    config: OptimConfig
+
+    def norm_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def setup(self) -> None:
+        if self.norm_policy is not None:
+            convert_norm(self.model, self.norm_policy, **self.norm_kwargs())
+        self.params = select_params(self.model, self.trainable)
+        self.optimizer = build_optimizer(self.params, self.config)
+
+    def step_batch(self, x: Any) -> Any:  # pragma: no cover - documented alias
+        return self.step(x)

@@ -1,0 +1,187 @@
+"""Render tidy CSV, traces and markdown tables from a results directory's cell files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from testtime.errors import DataError
+from testtime.utils import atomic_write_text
+
+TIDY_COLUMNS = ("method", "scenario", "corruption", "severity", "seed", "batch_size", "metric", "value")
+
+
+def load_cells(out_dir: Path) -> list[dict[str, Any]]:
+    cells_dir = Path(out_dir) / "cells"
+    if not cells_dir.is_dir():
+        raise DataError(f"{out_dir}: no results here (missing cells/ directory)")
+    cells = []
+    for p in sorted(cells_dir.glob("*.json")):
+        try:
+            cells.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{p}: unreadable result file ({e})") from e
+    order: list[str] = []
+    cfg_path = Path(out_dir) / "config.json"
+    if cfg_path.exists():
+        order = json.loads(cfg_path.read_text()).get("config", {}).get("methods", [])
+    rank = {m: i for i, m in enumerate(order)}
+    cells.sort(
+        key=lambda c: (c["cell"]["scenario"], c["cell"]["seed"], rank.get(c["cell"]["method"], len(rank)))
+    )
+    return cells
+
+
+def load_rows(out_dir: Path) -> list[dict[str, Any]]:
+    """Rows of the tidy results CSV (rendered from cells, or read from results.csv)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "cells").is_dir():
+        return [r for c in load_cells(out_dir) for r in c["rows"]]
+    csv_path = out_dir / "results.csv"
+    if not csv_path.exists():
+        raise DataError(f"{out_dir}: neither cells/ nor results.csv found")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["value"] = float(r["value"])
+        r["severity"], r["seed"], r["batch_size"] = int(r["severity"]), int(r["seed"]), int(r["batch_size"])
+    return rows
+
+
+def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def fmt(v: float, digits: int = 1) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def mean_std(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt(values[0], digits)
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def error_table(rows: list[dict[str, Any]], metric: str = "error") -> list[str]:
+    """Markdown: one table per scenario, methods x corruptions (+ mean), mean ± std over seeds."""
+    by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    scen_methods: dict[str, list[str]] = defaultdict(list)
+    scen_corrs: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        if r["metric"] != metric or r["corruption"] == "all":
+            continue
+        key = f"{r['scenario']} (severity {r['severity']}, batch {r['batch_size']})"
+        if r["method"] not in scen_methods[key]:
+            scen_methods[key].append(r["method"])
+        if r["corruption"] not in scen_corrs[key] and r["corruption"] != "mean":
+            scen_corrs[key].append(r["corruption"])
+        by[(key, r["method"], r["corruption"])].append(float(r["value"]))
+    lines = []
+    for key, methods in scen_methods.items():
+        corrs = [*scen_corrs[key], "mean"]
+        short = [
+            c.replace("_noise", "").replace("_blur", "").replace("_transform", "").replace("_compression", "")
+            for c in corrs
+        ]
+        lines += [
+            f"### {metric}: {key}",
+            "",
+            "| method | " + " | ".join(short) + " |",
+            "|---|" + "---:|" * len(corrs),
+        ]
+        for m in methods:
+            cells = [mean_std(by.get((key, m, c), [])) for c in corrs]
+            cells[-1] = f"**{cells[-1]}**"
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per method and scenario, mean error/NLL/ECE/Brier and cost."""
+    cols = [
+        ("error", "mean", "error %", 1),
+        ("nll", "mean", "NLL", 3),
+        ("ece", "mean", "ECE %", 1),
+        ("brier", "mean", "Brier", 3),
+        ("images_per_s", "all", "img/s", 0),
+        ("forward_per_image", "all", "fwd/img", 2),
+        ("backward_per_image", "all", "bwd/img", 2),
+        ("resets", "all", "resets", 0),
+        ("n_skipped_updates", "all", "skipped", 0),
+    ]
+    by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    order: list[tuple[str, str]] = []
+    for r in rows:
+        k = (r["method"], f"{r['scenario']} s{r['severity']} b{r['batch_size']}")
+        if k not in order:
+            order.append(k)
+        by[(*k, f"{r['metric']}|{r['corruption']}")].append(float(r["value"]))
+    lines = [
+        "| method | scenario | " + " | ".join(c[2] for c in cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
+    for m, s in order:
+        vals = [mean_std(by.get((m, s, f"{c[0]}|{c[1]}"), []), c[3]) for c in cols]
+        lines.append(f"| {m} | {s} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def render(out_dir: str | Path, plots: bool = True) -> Path:
+    """(Re)write results.csv, trace.csv and summary.md (and plots when matplotlib is present)."""
+    out_dir = Path(out_dir)
+    cells = load_cells(out_dir)
+    rows = [r for c in cells for r in c["rows"]]
+    atomic_write_text(out_dir / "results.csv", _csv(rows, TIDY_COLUMNS))
+    trace_rows = [
+        {"method": c["cell"]["method"], "scenario": c["cell"]["scenario"], "seed": c["cell"]["seed"], **t}
+        for c in cells
+        for t in c["trace"]
+    ]
+    atomic_write_text(
+        out_dir / "trace.csv",
+        _csv(trace_rows, ("method", "scenario", "seed", "batch", "domain", "n", "error")),
+    )
+    config = {}
+    if (out_dir / "config.json").exists():
+        config = json.loads((out_dir / "config.json").read_text())
+    lines = [f"# testtime results: {out_dir.name}", ""]
+    if config:
+        lines += [
+            f"- data: {config.get('data_description', '')}",
+            f"- model: {config.get('model', '')}; seed(s): {config.get('seeds', config.get('seed'))}",
+            f"- versions: {json.dumps(config.get('env', {}))}",
+            "",
+        ]
+    lines += [
+        "## Error (%) per corruption",
+        "",
+        *error_table(rows),
+        "## Summary",
+        "",
+        *summary_table(rows),
+        "",
+    ]
+    if plots:
+        try:
+            from testtime.bench.plots import make_plots
+
+            for p in make_plots(out_dir, cells):
+                lines.append(f"![{p.stem}]({p.name})")
+        except ImportError:
+            lines.append("(plots skipped: matplotlib is not installed)")
+    atomic_write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
+    return out_dir / "summary.md"

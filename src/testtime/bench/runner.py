@@ -1,0 +1,172 @@
+"""Run methods over a test stream; collect metrics, traces and cost; write results atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from testtime.adapt.base import AdaptedModel
+from testtime.data.streams import Stream
+from testtime.metrics import MetricAccumulator, reliability_bins
+from testtime.utils import atomic_write_json
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB); process-wide, so it only grows across methods."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+@dataclass
+class StreamResult:
+    """Metrics of one method on one stream."""
+
+    per_domain: dict[str, dict[str, float]]
+    mean: dict[str, float]
+    trace: list[dict[str, Any]]
+    cost: dict[str, float]
+    counters: dict[str, int]
+    resets: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_stream(
+    adapted: AdaptedModel,
+    stream: Stream,
+    on_batch: Callable[[int, float], None] | None = None,
+) -> StreamResult:
+    """Feed every batch of `stream` to `adapted`; reset it at segment starts when the stream says so."""
+    accs = {i: MetricAccumulator() for i in range(len(stream.domains))}
+    trace: list[dict[str, Any]] = []
+    resets = 0
+    device = next(iter(adapted.parameters()), torch.zeros(())).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = 0.0
+    for b, batch in enumerate(stream):
+        if stream.reset_each_segment and batch.new_segment and batch.segment > 0:
+            adapted.reset()
+            resets += 1
+        x, y = batch.x.to(device, non_blocking=True), batch.y
+        sync()
+        t0 = time.perf_counter()
+        logits = adapted(x)
+        sync()
+        seconds += time.perf_counter() - t0
+        logits = logits.cpu()
+        wrong = logits.argmax(1) != y
+        for k in np.unique(batch.domain_ids):
+            m = torch.from_numpy(batch.domain_ids == k)
+            accs[int(k)].update(logits[m], y[m])
+        err = 100.0 * float(wrong.float().mean())
+        first = int(batch.domain_ids[0])
+        trace.append({"batch": b, "domain": str(stream.domains[first]), "n": len(y), "error": err})
+        if on_batch:
+            on_batch(b, err)
+    per_domain = {str(stream.domains[i]): a.summary() for i, a in accs.items() if a.n}
+    keys = ("error", "nll", "ece", "brier")
+    mean = {k: float(np.mean([d[k] for d in per_domain.values()])) for k in keys}
+    counters = adapted.counters()
+    n = max(1, counters["images"])
+    cost = {
+        "seconds": seconds,
+        "images_per_s": counters["images"] / seconds if seconds > 0 else float("nan"),
+        "forward_per_image": counters["forward_images"] / n,
+        "backward_per_image": counters["backward_images"] / n,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if device.type == "cuda":
+        cost["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    conf = np.concatenate([np.concatenate(a.conf) for a in accs.values() if a.n])
+    correct = np.concatenate([np.concatenate(a.correct) for a in accs.values() if a.n])
+    rel = {k: np.nan_to_num(v).tolist() for k, v in reliability_bins(conf, correct).items()}
+    return StreamResult(per_domain, mean, trace, cost, counters, resets, extra={"reliability": rel})
+
+
+# ----------------------------------------------------------------------------- cells & files
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: a method on a scenario at a severity with a seed."""
+
+    method: str
+    scenario: str
+    severity: int
+    seed: int
+    batch_size: int
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def cell_id(self) -> str:
+        base = f"{self.method}__{self.scenario}__s{self.severity}__b{self.batch_size}__seed{self.seed}"
+        if self.overrides:
+            h = hashlib.sha256(json.dumps(self.overrides).encode()).hexdigest()[:8]
+            base += f"__o{h}"
+        return base
+
+
+def tidy_rows(cell: Cell, res: StreamResult) -> list[dict[str, Any]]:
+    """Rows (method, scenario, corruption, severity, seed, metric, value) for the tidy CSV."""
+    rows = []
+    base = {
+        "method": cell.method,
+        "scenario": cell.scenario,
+        "seed": cell.seed,
+        "batch_size": cell.batch_size,
+    }
+    for dom, metrics in res.per_domain.items():
+        corruption, _, sev = dom.partition("@")
+        for k, v in metrics.items():
+            rows.append(
+                {**base, "corruption": corruption, "severity": int(sev or 0), "metric": k, "value": v}
+            )
+    for k, v in res.mean.items():
+        rows.append({**base, "corruption": "mean", "severity": cell.severity, "metric": k, "value": v})
+    extra = {**res.cost, **{f"n_{k}": v for k, v in res.counters.items()}, "resets": res.resets}
+    extra.update({k: v for k, v in res.extra.items() if isinstance(v, (int, float))})
+    for k, v in extra.items():
+        rows.append({**base, "corruption": "all", "severity": cell.severity, "metric": k, "value": v})
+    return rows
+
+
+def write_cell(out_dir: Path, cell: Cell, res: StreamResult, describe: dict[str, Any]) -> Path:
+    """Persist one finished cell atomically (the unit of resumption)."""
+    path = out_dir / "cells" / f"{cell.cell_id}.json"
+    atomic_write_json(
+        path,
+        {
+            "cell": asdict(cell),
+            "method": describe,
+            "rows": tidy_rows(cell, res),
+            "trace": res.trace,
+            "extra": res.extra,
+        },
+    )
+    return path
+
+
+def completed_cells(out_dir: Path) -> set[str]:
+    """Cell ids with a readable result file (a corrupt file counts as not done)."""
+    done = set()
+    for p in sorted((out_dir / "cells").glob("*.json")):
+        try:
+            json.loads(p.read_text())
+            done.add(p.stem)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return done
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,106 @@
+"""Shared fixtures: real data when available, small models, state hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from testtime.data.cifar import load_embedded_cifar10
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data beside the checkout (or $TESTTIME_DATA), if present."""
+    if os.environ.get("TESTTIME_DATA"):
+        p = Path(os.environ["TESTTIME_DATA"])
+        return p if p.is_dir() else None
+    for base in Path(__file__).resolve().parents:
+        cand = base / "shared" / "data"
+        if cand.is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("shared/data not found (set TESTTIME_DATA); test needs the real datasets")
+    return d
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    return load_embedded_cifar10()
+
+
+@pytest.fixture(scope="session")
+def source_model():
+    from testtime.models.zoo import load_model
+
+    return load_model()
+
+
+def _feed(h, v) -> None:
+    if isinstance(v, torch.Tensor):
+        h.update(str(v.dtype).encode() + str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(v, dict):
+        for k in sorted(v, key=str):
+            h.update(str(k).encode())
+            _feed(h, v[k])
+    elif isinstance(v, (list, tuple)):
+        for item in v:
+            _feed(h, item)
+    else:
+        h.update(repr(v).encode())
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """sha256 over every parameter, buffer and extra state (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    _feed(h, dict(module.state_dict()))
+    return h.hexdigest()
+
+
+def to_batch(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div(255)
+
+
+@pytest.fixture(scope="session")
+def noisy_stream(embedded):
+    """400 embedded test images with severity-5 Gaussian noise (our CIFAR-10-C generator)."""
+    from testtime.data.corruptions import corrupt
+
+    idx = np.random.default_rng(0).permutation(len(embedded))[:400]
+    x = corrupt(embedded.x[idx], "gaussian_noise", 5, seed=0)
+    return to_batch(x), torch.from_numpy(embedded.y[idx])
+
+
+def changed_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    """State-dict keys whose tensors differ (use on `adapted.state_dict()` snapshots)."""
+    return {k for k, v in before.items() if isinstance(v, torch.Tensor) and not torch.equal(v, after[k])}
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def bn_affine_keys(model: torch.nn.Module, prefix: str = "model.") -> set[str]:
+    """State-dict keys of BatchNorm(-replacement) affine parameters under `prefix`."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from testtime.adapt.components.norm import AdaptiveNorm
+
+    return {
+        f"{prefix}{n}.{p}"
+        for n, m in model.named_modules()
+        if isinstance(m, (_BatchNorm, AdaptiveNorm))
+        for p in ("weight", "bias")
+    }
