@@ -150,7 +150,9 @@ def test_nonfinite_loss_skips_update(source_model, noisy_stream):
 
 
 def test_model_without_batchnorm_fails_clearly():
-    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    plain = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10)
+    )
     with pytest.raises(ModelError, match="no BatchNorm layers"):
         adapt(plain, "bn")
 

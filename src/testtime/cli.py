@@ -20,29 +20,31 @@ def _split(values: list[str] | None) -> list[str]:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from testtime.adapt.config import parse_overrides
-    from testtime.bench.experiment import RunConfig, print_error_table, run_experiment
-    from testtime.data.cifar import CIFAR10C_CORRUPTIONS
+    from testtime.bench.experiment import ExecOptions, RunConfig, print_error_table, run_experiment
 
+    scen_opts = {
+        k: getattr(args, k) for k in ("delta", "rounds", "imbalance_ratio", "unknown", "unknown_ratio")
+    }
     cfg = RunConfig(
         methods=_split(args.method) or ["source", "bn", "tent"],
+        dataset=args.dataset,
         scenario=args.scenario,
+        scenario_options={k: str(v) for k, v in scen_opts.items() if v is not None},
         severity=args.severity,
         batch_size=args.batch_size,
         data=args.data,
         cifar10c=args.cifar10c,
-        corruptions=_split(args.corruptions) or list(CIFAR10C_CORRUPTIONS),
+        corruptions=_split(args.corruptions) or None,
         n_per_domain=args.n_per_domain,
         seeds=[int(s) for s in _split(args.seed)] or [0],
         corruption_seed=args.corruption_seed,
         model=args.model,
         model_path=args.model_path,
         arch=args.arch,
-        device=args.device,
-        threads=args.threads,
         overrides=parse_overrides(args.option),
         out=args.out,
         run_id=args.run_id,
-        cache_dir=args.cache_dir,
+        exec=ExecOptions(device=args.device, threads=args.threads, cache_dir=args.cache_dir),
     )
     out_dir = run_experiment(cfg, console)
     print_error_table(out_dir, Console())
@@ -118,6 +120,32 @@ def cmd_train_source(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    from testtime.bench.experiment import ExecOptions, print_error_table
+    from testtime.bench.suites import SUITES, SuiteArgs, run_suite
+
+    if args.list or not args.suite:
+        t = Table(title="benchmark suites")
+        t.add_column("suite")
+        t.add_column("description")
+        for s in SUITES.values():
+            t.add_row(s.name, " ".join(s.description.split()))
+        Console().print(t)
+        return 0
+    sargs = SuiteArgs(
+        seeds=[int(s) for s in _split(args.seed)], data=args.data, methods=_split(args.method) or None
+    )
+    opts = ExecOptions(device=args.device, threads=args.threads, cache_dir=args.cache_dir)
+    out_dir = run_suite(
+        args.suite, sargs, args.out, opts, jobs=args.jobs, backend=args.backend, console=console
+    )
+    print_error_table(Path(out_dir), Console())
+    console.print(f"results: {out_dir}/ (results.csv, summary.md, plots)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
@@ -153,7 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="method name(s), comma-separated or repeated; 'all' "
         "for every registered method (default: source,bn,tent)",
     )
+    r.add_argument("--dataset", default="cifar10", help="cifar10 (CIFAR-10-C), mnist_usps or usps_mnist")
     r.add_argument("--scenario", "-s", default="continual", help="see `testtime scenarios`")
+    r.add_argument(
+        "--delta", type=float, help="Dirichlet concentration of correlated scenarios (default 0.1)"
+    )
+    r.add_argument("--rounds", type=int, help="repetitions of the sequence in long_horizon (default 10)")
+    r.add_argument("--imbalance-ratio", type=float, help="imbalanced_label_shift odds (default 500000)")
+    r.add_argument(
+        "--unknown", choices=["mnist", "noise"], help="open_set unknown-class images (default mnist)"
+    )
+    r.add_argument("--unknown-ratio", type=float, help="open_set fraction of unknown samples (default 0.5)")
     r.add_argument("--severity", type=int, default=5, help="corruption severity 1..5")
     r.add_argument("--batch-size", "-b", type=int, default=200)
     r.add_argument(
@@ -170,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n-per-domain", type=int, help="use only this many images per corruption")
     r.add_argument("--seed", action="append", help="seed(s), comma-separated (default 0)")
     r.add_argument("--corruption-seed", type=int, default=0, help="seed of the corruption generator")
-    r.add_argument("--model", default="cifar10_resnet26", help="shipped model (see `testtime models`)")
+    r.add_argument("--model", help="shipped model (see `testtime models`; default: the dataset's)")
     r.add_argument("--model-path", help="weights file to load instead of a shipped model (needs --arch)")
     r.add_argument("--arch", help="architecture for --model-path")
     r.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
@@ -212,6 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-bf16", action="store_true", help="train in float32 (slower on CPU)")
     t.add_argument("--out", default="runs/source", help="checkpoint/output directory (resumes if present)")
     t.set_defaults(func=cmd_train_source)
+
+    bn = sub.add_parser(
+        "bench",
+        help="run a benchmark suite (resumable grid of methods x scenarios x seeds)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bn.add_argument("--suite", help="suite name (see --list)")
+    bn.add_argument("--list", action="store_true", help="list the suites")
+    bn.add_argument("--seed", action="append", help="seeds, comma-separated (default: the suite's)")
+    bn.add_argument("--method", "-m", action="append", help="restrict to these methods")
+    bn.add_argument("--data", default="auto", help="clean CIFAR-10 for full-data suites: auto or a path")
+    bn.add_argument("--out", default="results/bench", help="results root; the suite writes to OUT/SUITE")
+    bn.add_argument("--jobs", "-j", type=int, default=1, help="parallel worker processes (local backend)")
+    bn.add_argument("--backend", default="local", choices=["local", "ray"], help="where cells run")
+    bn.add_argument("--device", default="cpu")
+    bn.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / jobs)")
+    bn.add_argument("--cache-dir", help="where generated corruptions are cached")
+    bn.set_defaults(func=cmd_bench)
 
     rp = sub.add_parser("report", help="re-render tables and plots of a results directory")
     rp.add_argument("results_dir")

@@ -1,4 +1,4 @@
-"""`testtime run`: methods x seeds on one scenario, resumable, with results written atomically."""
+"""Executing cells (a method on a scenario with a seed) and `testtime run` over a RunConfig."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,44 +25,124 @@ from rich.table import Table
 
 from testtime.adapt.registry import adapt, get_method, list_methods
 from testtime.bench.report import load_rows, render
-from testtime.bench.runner import Cell, completed_cells, run_stream, write_cell
-from testtime.data.cifar import CIFAR10C_CORRUPTIONS, ImageSet, load_cifar10, load_embedded_cifar10
-from testtime.data.streams import Cifar10CFiles, CorruptedDataset, StreamSpec, build_stream, list_scenarios
+from testtime.bench.runner import Cell, cell_payload, completed_cells, run_stream, write_payload
+from testtime.data.cifar import ImageSet, find_cifar10, load_cifar10, load_embedded_cifar10
+from testtime.data.digits import load_digits
+from testtime.data.streams import (
+    Cifar10CFiles,
+    CorruptedDataset,
+    DomainData,
+    NaturalShift,
+    StreamSpec,
+    build_stream,
+    list_scenarios,
+)
 from testtime.errors import ConfigError
-from testtime.models.zoo import DEFAULT_MODEL, load_model
+from testtime.models.zoo import DEFAULT_MODEL, SHIPPED, load_model
 from testtime.utils import atomic_write_json, env_info, seed_everything
+
+DATASETS = {
+    "cifar10": "CIFAR-10-C (15 corruptions generated from CIFAR-10 test images, or the official files)",
+    "mnist_usps": "MNIST-trained model tested on USPS (all 9,298 digits), a real shift",
+    "usps_mnist": "USPS-trained model tested on MNIST (10,000 test digits), a real shift",
+}
+DEFAULT_MODELS = {"cifar10": DEFAULT_MODEL, "mnist_usps": "mnist_digitnet", "usps_mnist": "usps_digitnet"}
+
+
+@dataclass
+class ExecOptions:
+    """How cells run (not what they compute)."""
+
+    device: str = "cpu"
+    threads: int = 0
+    cache_dir: str | None = None
 
 
 @dataclass
 class RunConfig:
-    """Everything that defines a run; recorded in config.json."""
+    """`testtime run`: methods x seeds on one dataset/scenario; recorded in config.json."""
 
     methods: list[str] = field(default_factory=lambda: ["source", "bn", "tent"])
+    dataset: str = "cifar10"  # cifar10 (CIFAR-10-C) | mnist_usps | usps_mnist
     scenario: str = "continual"
+    scenario_options: dict[str, str] = field(default_factory=dict)  # delta, rounds, imbalance_ratio, ...
     severity: int = 5
     batch_size: int = 200
     data: str = "embedded"  # "embedded", "auto" (full set if found, else embedded) or a path
     cifar10c: str | None = None  # directory of the official CIFAR-10-C .npy files
-    corruptions: list[str] = field(default_factory=lambda: list(CIFAR10C_CORRUPTIONS))
+    corruptions: list[str] | None = None  # None: every domain of the dataset
     n_per_domain: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     corruption_seed: int = 0
-    model: str = DEFAULT_MODEL
+    model: str | None = None  # None: the dataset's shipped model
     model_path: str | None = None
     arch: str | None = None
-    device: str = "cpu"
-    threads: int = 0
     overrides: dict[str, str] = field(default_factory=dict)
     out: str = "results"
     run_id: str | None = None
-    cache_dir: str | None = None
+    exec: ExecOptions = field(default_factory=ExecOptions)
 
-    def identity(self) -> dict[str, Any]:
-        """The fields that change results (not where they are written)."""
-        d = dataclasses.asdict(self)
-        for k in ("out", "run_id", "cache_dir", "threads", "device", "methods", "seeds"):
-            d.pop(k)
-        return d
+    def cells(self) -> list[Cell]:
+        validate_methods(self.methods, self.overrides)
+        return [
+            Cell(
+                method=m,
+                scenario=self.scenario,
+                seed=seed,
+                dataset=self.dataset,
+                severity=self.severity,
+                batch_size=self.batch_size,
+                scenario_options=tuple(sorted(self.scenario_options.items())),
+                corruptions=tuple(self.corruptions) if self.corruptions else None,
+                n_per_domain=self.n_per_domain,
+                overrides=tuple(sorted(method_overrides(m, self.overrides).items())),
+                data=self.data,
+                cifar10c=self.cifar10c,
+                corruption_seed=self.corruption_seed,
+                model=self.model,
+                model_path=self.model_path,
+                arch=self.arch,
+            )
+            for seed in self.seeds
+            for m in expand_methods(self.methods)
+        ]
+
+
+# ----------------------------------------------------------------------------- validation
+def expand_methods(methods: list[str]) -> list[str]:
+    if not methods:
+        raise ConfigError("no method given")
+    out: list[str] = []
+    for m in methods:
+        for name in list_methods() if m == "all" else [m]:
+            get_method(name)  # raises on unknown names
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def method_overrides(method: str, overrides: dict[str, str]) -> dict[str, str]:
+    fields = {f.name for f in dataclasses.fields(get_method(method).Config)}
+    return {k: v for k, v in overrides.items() if k in fields}
+
+
+def validate_methods(methods: list[str], overrides: dict[str, str]) -> None:
+    names = expand_methods(methods)
+    known = set().union(*({f.name for f in dataclasses.fields(get_method(m).Config)} for m in names))
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"option(s) {', '.join(unknown)} belong to none of the methods {', '.join(names)}")
+
+
+def validate_cell(cell: Cell) -> None:
+    get_method(cell.method)
+    if cell.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {cell.dataset!r}; known: {', '.join(DATASETS)}")
+    if cell.scenario not in list_scenarios():
+        raise ConfigError(f"unknown scenario {cell.scenario!r}; known: {', '.join(list_scenarios())}")
+    name = cell.model or DEFAULT_MODELS.get(cell.dataset, DEFAULT_MODEL)
+    if cell.model_path is None and name not in SHIPPED:
+        raise ConfigError(f"unknown model {name!r}; shipped models: {', '.join(SHIPPED)}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,130 +161,172 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+# ----------------------------------------------------------------------------- data & models (cached)
+_DATA: dict[tuple[Any, ...], tuple[DomainData, ImageSet]] = {}
+_MODELS: dict[tuple[Any, ...], torch.nn.Module] = {}
+
+
 def load_clean(data: str) -> ImageSet:
     if data == "embedded":
         return load_embedded_cifar10()
     if data == "auto":
-        from testtime.data.cifar import find_cifar10
-
         return load_cifar10("test") if find_cifar10() is not None else load_embedded_cifar10()
     return load_cifar10("test", data)
 
 
-def expand_methods(methods: list[str]) -> list[str]:
-    if not methods:
-        raise ConfigError("no method given")
-    out: list[str] = []
-    for m in methods:
-        for name in list_methods() if m == "all" else [m]:
-            get_method(name)  # raises on unknown names
-            if name not in out:
-                out.append(name)
-    return out
+def domain_data(cell: Cell, cache_dir: str | None, log: Callable[[str], None] | None = None) -> DomainData:
+    """The test-domain source of `cell.dataset` (cached per process)."""
+    key = (cell.dataset, cell.data, cell.cifar10c, cell.corruption_seed, cache_dir)
+    if key not in _DATA:
+        if cell.dataset == "cifar10":
+            clean = load_clean(cell.data)
+            src: DomainData = (
+                Cifar10CFiles(cell.cifar10c, clean)
+                if cell.cifar10c
+                else CorruptedDataset(clean, seed=cell.corruption_seed, cache_dir=cache_dir, progress=log)
+            )
+        elif cell.dataset in ("mnist_usps", "usps_mnist"):
+            s, t = cell.dataset.split("_")
+            path = None if cell.data in ("embedded", "auto") else cell.data
+            clean = load_digits(s, "test", path)
+            src = NaturalShift(t, load_digits(t, "all" if t == "usps" else "test", path), clean)
+        else:
+            raise ConfigError(f"unknown dataset {cell.dataset!r}; known: {', '.join(DATASETS)}")
+        _DATA[key] = (src, clean)
+    return _DATA[key][0]
 
 
-def method_overrides(method: str, overrides: dict[str, str]) -> dict[str, str]:
-    fields = {f.name for f in dataclasses.fields(get_method(method).Config)}
-    return {k: v for k, v in overrides.items() if k in fields}
+def source_model(cell: Cell, device: torch.device) -> torch.nn.Module:
+    name = cell.model or DEFAULT_MODELS.get(cell.dataset, DEFAULT_MODEL)
+    key = (name, cell.model_path, cell.arch, str(device))
+    if key not in _MODELS:
+        m = load_model(name, cell.model_path, cell.arch)
+        _MODELS[key] = m.to(device, memory_format=torch.channels_last)
+    return _MODELS[key]
 
 
-def validate(cfg: RunConfig) -> None:
-    cfg.methods = expand_methods(cfg.methods)
-    if cfg.scenario not in list_scenarios():
-        raise ConfigError(f"unknown scenario {cfg.scenario!r}; known: {', '.join(list_scenarios())}")
-    if not cfg.seeds:
-        raise ConfigError("no seed given")
-    known = set().union(*({f.name for f in dataclasses.fields(get_method(m).Config)} for m in cfg.methods))
-    unknown = sorted(set(cfg.overrides) - known)
-    if unknown:
-        raise ConfigError(
-            f"option(s) {', '.join(unknown)} belong to none of the methods {', '.join(cfg.methods)}"
-        )
-
-
-def run_experiment(cfg: RunConfig, console: Console | None = None) -> Path:
-    """Run every (method, seed) cell not already done; return the results directory."""
-    console = console or Console(stderr=True)
-    validate(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    clean = load_clean(cfg.data)
-    source = (
-        Cifar10CFiles(cfg.cifar10c, clean)
-        if cfg.cifar10c
-        else CorruptedDataset(
-            clean, seed=cfg.corruption_seed, cache_dir=cfg.cache_dir, progress=lambda s: console.log(s)
-        )
+def build_cell_stream(cell: Cell, opts: ExecOptions, log: Callable[[str], None] | None = None):
+    data = domain_data(cell, opts.cache_dir, log)
+    spec = StreamSpec(
+        data=data,
+        corruptions=cell.corruptions or data.domain_names(),
+        severity=cell.severity,
+        batch_size=cell.batch_size,
+        seed=cell.seed,
+        n_per_domain=cell.n_per_domain,
+        options=dict(cell.scenario_options),
     )
-    ident = {**cfg.identity(), "data_source": source.describe()}
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
-    run_id = cfg.run_id or f"{cfg.scenario}_s{cfg.severity}_b{cfg.batch_size}_{digest}"
-    out_dir = Path(cfg.out) / run_id
+    return build_stream(cell.scenario, spec)
+
+
+def execute_cell(
+    cell: Cell,
+    opts: ExecOptions,
+    on_batch: Callable[[int, float], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run one cell and return its result payload (nothing is written)."""
+    validate_cell(cell)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = resolve_device(opts.device)
+    stream = build_cell_stream(cell, opts, log)
+    for d in stream.domains:  # materialise (generate/cache) the data before timing starts
+        stream.data.get(d)
+    seed_everything(cell.seed)
+    model = source_model(cell, device)
+    adapted = adapt(model, cell.method, seed=cell.seed, **dict(cell.overrides)).to(device)
+    if on_start:
+        on_start(len(stream))
+    res = run_stream(adapted, stream, on_batch=on_batch)
+    res.extra["data"] = stream.data.describe()
+    return cell_payload(cell, res, adapted.describe())
+
+
+def progress_bar(console: Console, label: str) -> Progress:
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("err {task.fields[err]:5.1f}%"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def run_cells_sequential(cells: list[Cell], opts: ExecOptions, out_dir: Path, console: Console) -> None:
+    """Run cells one after another in this process with progress bars; write each when done."""
+    for cell in cells:
+        label = f"[bold]{cell.method}[/] {cell.dataset}/{cell.scenario} seed {cell.seed}"
+        with progress_bar(console, label) as progress:
+            task = progress.add_task("run", total=None, err=float("nan"))
+            payload = execute_cell(
+                cell,
+                opts,
+                on_batch=lambda _b, e, t=task: progress.update(t, advance=1, err=e),
+                log=console.log,
+                on_start=lambda n, t=task: progress.update(t, total=n),
+            )
+        write_payload(out_dir, payload)
+        render(out_dir, plots=False)
+        cost = {r["metric"]: r["value"] for r in payload["rows"] if r["corruption"] == "all"}
+        mean = next(
+            r["value"] for r in payload["rows"] if r["corruption"] == "mean" and r["metric"] == "error"
+        )
+        console.log(
+            f"{cell.method}: mean error {mean:.2f}%  ({cost['images_per_s']:.0f} img/s, "
+            f"{cost['forward_per_image']:.2f} fwd/img, {cost['backward_per_image']:.2f} bwd/img)"
+        )
+
+
+def prepare_out_dir(out_dir: Path, identity: dict[str, Any], meta: dict[str, Any]) -> set[str]:
+    """Create/check `out_dir` for `identity`; write config.json; return ids of cells already done."""
     cfg_path = out_dir / "config.json"
+    ident = json.loads(json.dumps(identity, default=str))
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
-        if old.get("identity") != json.loads(json.dumps(ident)):
+        if old.get("identity") != ident:
             raise ConfigError(
                 f"{out_dir} holds results of a different configuration; choose another --run-id"
             )
-    done = completed_cells(out_dir)
-    meta = {
-        "identity": ident,
-        "config": dataclasses.asdict(cfg),
-        "data_description": source.describe(),
-        "model": cfg.model_path or cfg.model,
-        "seeds": cfg.seeds,
-        "env": env_info(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    atomic_write_json(
+        cfg_path,
+        {"identity": ident, **meta, "env": env_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+    )
+    return completed_cells(out_dir)
+
+
+def run_experiment(cfg: RunConfig, console: Console | None = None) -> Path:
+    """Run every (method, seed) cell of `cfg` not already done; return the results directory."""
+    console = console or Console(stderr=True)
+    cells = cfg.cells()
+    for c in cells:
+        validate_cell(c)
+    resolve_device(cfg.exec.device)  # fail before any data is generated
+    data = domain_data(cells[0], cfg.exec.cache_dir, console.log)
+    identity = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("methods", "seeds", "overrides", "out", "run_id", "exec")
     }
-    atomic_write_json(cfg_path, meta)
-    cells = []
-    for seed in cfg.seeds:
-        for m in cfg.methods:
-            ov = method_overrides(m, cfg.overrides)
-            cells.append(Cell(m, cfg.scenario, cfg.severity, seed, cfg.batch_size, tuple(sorted(ov.items()))))
+    identity["data_source"] = data.describe()
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    run_id = cfg.run_id or f"{cfg.dataset}_{cfg.scenario}_s{cfg.severity}_b{cfg.batch_size}_{digest}"
+    out_dir = Path(cfg.out) / run_id
+    meta = {
+        "config": dataclasses.asdict(cfg),
+        "data_description": data.describe(),
+        "model": cfg.model_path or cfg.model or DEFAULT_MODELS[cfg.dataset],
+        "seeds": cfg.seeds,
+        "methods": expand_methods(cfg.methods),
+    }
+    done = prepare_out_dir(out_dir, identity, meta)
     todo = [c for c in cells if c.cell_id not in done]
     if len(todo) < len(cells):
         console.log(f"resuming {out_dir}: {len(cells) - len(todo)} of {len(cells)} runs already done")
-    base_model = load_model(cfg.model, cfg.model_path, cfg.arch).to(device, memory_format=torch.channels_last)
-    for cell in todo:
-        spec = StreamSpec(
-            data=source,
-            corruptions=tuple(cfg.corruptions),
-            severity=cfg.severity,
-            batch_size=cfg.batch_size,
-            seed=cell.seed,
-            n_per_domain=cfg.n_per_domain,
-        )
-        stream = build_stream(cfg.scenario, spec)
-        # materialise corrupted data before timing starts
-        for d in stream.domains:
-            source.get(d)
-        seed_everything(cell.seed)
-        adapted = adapt(base_model, cell.method, seed=cell.seed, **dict(cell.overrides)).to(device)
-        with Progress(
-            TextColumn(f"[bold]{cell.method}[/] {cell.scenario} seed {cell.seed}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("err {task.fields[err]:5.1f}%"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        ) as progress:
-            task = progress.add_task("run", total=len(stream), err=float("nan"))
-
-            def advance(_: int, err: float, task=task) -> None:
-                progress.update(task, advance=1, err=err)
-
-            res = run_stream(adapted, stream, on_batch=advance)
-        write_cell(out_dir, cell, res, adapted.describe())
-        render(out_dir, plots=False)
-        console.log(
-            f"{cell.method}: mean error {res.mean['error']:.2f}%  "
-            f"({res.cost['images_per_s']:.0f} img/s, {res.cost['backward_per_image']:.2f} bwd/img)"
-        )
+    run_cells_sequential(todo, cfg.exec, out_dir, console)
     render(out_dir, plots=True)
     return out_dir
 
@@ -211,16 +334,19 @@ def run_experiment(cfg: RunConfig, console: Console | None = None) -> Path:
 def print_error_table(out_dir: Path, console: Console) -> None:
     """Per-corruption error table of a results directory, in the terminal."""
     rows = [r for r in load_rows(out_dir) if r["metric"] == "error" and r["corruption"] != "all"]
-    corrs = [*dict.fromkeys(r["corruption"] for r in rows if r["corruption"] != "mean"), "mean"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    vals: dict[tuple[str, str], list[float]] = {}
-    for r in rows:
-        vals.setdefault((r["method"], r["corruption"]), []).append(float(r["value"]))
-    t = Table(title=f"error % — {out_dir}", show_lines=False)
-    t.add_column("method")
-    for c in corrs:
-        t.add_column(c.split("_")[0][:8], justify="right")
-    for m in methods:
-        cells = [vals.get((m, c)) for c in corrs]
-        t.add_row(m, *[f"{sum(v) / len(v):.1f}" if v else "-" for v in cells])
-    console.print(t)
+    groups = list(dict.fromkeys((r.get("dataset", ""), r["scenario"]) for r in rows))
+    for group in groups:
+        sub = [r for r in rows if (r.get("dataset", ""), r["scenario"]) == group]
+        corrs = [*dict.fromkeys(r["corruption"] for r in sub if r["corruption"] != "mean"), "mean"]
+        methods = list(dict.fromkeys(r["method"] for r in sub))
+        vals: dict[tuple[str, str], list[float]] = {}
+        for r in sub:
+            vals.setdefault((r["method"], r["corruption"]), []).append(float(r["value"]))
+        t = Table(title=f"error % — {group[0]} {group[1]} ({out_dir})")
+        t.add_column("method")
+        for c in corrs:
+            t.add_column(c.split("_")[0][:8], justify="right")
+        for m in methods:
+            cells = [vals.get((m, c)) for c in corrs]
+            t.add_row(m, *[f"{sum(v) / len(v):.1f}" if v else "-" for v in cells])
+        console.print(t)

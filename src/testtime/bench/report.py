@@ -15,7 +15,17 @@ import numpy as np
 from testtime.errors import DataError
 from testtime.utils import atomic_write_text
 
-TIDY_COLUMNS = ("method", "scenario", "corruption", "severity", "seed", "batch_size", "metric", "value")
+TIDY_COLUMNS = (
+    "dataset",
+    "method",
+    "scenario",
+    "corruption",
+    "severity",
+    "seed",
+    "batch_size",
+    "metric",
+    "value",
+)
 
 
 def load_cells(out_dir: Path) -> list[dict[str, Any]]:
@@ -31,7 +41,7 @@ def load_cells(out_dir: Path) -> list[dict[str, Any]]:
     order: list[str] = []
     cfg_path = Path(out_dir) / "config.json"
     if cfg_path.exists():
-        order = json.loads(cfg_path.read_text()).get("config", {}).get("methods", [])
+        order = json.loads(cfg_path.read_text()).get("methods", [])
     rank = {m: i for i, m in enumerate(order)}
     cells.sort(
         key=lambda c: (c["cell"]["scenario"], c["cell"]["seed"], rank.get(c["cell"]["method"], len(rank)))
@@ -75,37 +85,49 @@ def mean_std(values: list[float], digits: int = 1) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
+def _group(r: dict[str, Any]) -> str:
+    ds = r.get("dataset", "")
+    return f"{ds + ' ' if ds else ''}{r['scenario']} (batch {r['batch_size']})"
+
+
 def error_table(rows: list[dict[str, Any]], metric: str = "error") -> list[str]:
-    """Markdown: one table per scenario, methods x corruptions (+ mean), mean ± std over seeds."""
+    """Markdown: one table per dataset/scenario, methods x domains (+ mean), mean ± std over seeds."""
     by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    scen_methods: dict[str, list[str]] = defaultdict(list)
-    scen_corrs: dict[str, list[str]] = defaultdict(list)
+    methods: dict[str, list[str]] = defaultdict(list)
+    cols: dict[str, list[str]] = defaultdict(list)
+    sevs: dict[str, set[int]] = defaultdict(set)
+    rows = [r for r in rows if r["metric"] == metric and r["corruption"] != "all"]
     for r in rows:
-        if r["metric"] != metric or r["corruption"] == "all":
-            continue
-        key = f"{r['scenario']} (severity {r['severity']}, batch {r['batch_size']})"
-        if r["method"] not in scen_methods[key]:
-            scen_methods[key].append(r["method"])
-        if r["corruption"] not in scen_corrs[key] and r["corruption"] != "mean":
-            scen_corrs[key].append(r["corruption"])
-        by[(key, r["method"], r["corruption"])].append(float(r["value"]))
+        if r["corruption"] != "mean":
+            sevs[_group(r)].add(int(r["severity"]))
+    for r in rows:
+        g = _group(r)
+        col = r["corruption"]
+        if col != "mean" and len(sevs[g]) > 1:
+            col = f"{col}@{r['severity']}"
+        if r["method"] not in methods[g]:
+            methods[g].append(r["method"])
+        if col not in cols[g] and col != "mean":
+            cols[g].append(col)
+        by[(g, r["method"], col)].append(float(r["value"]))
     lines = []
-    for key, methods in scen_methods.items():
-        corrs = [*scen_corrs[key], "mean"]
+    for g, ms in methods.items():
+        corrs = [*cols[g], "mean"]
         short = [
             c.replace("_noise", "").replace("_blur", "").replace("_transform", "").replace("_compression", "")
             for c in corrs
         ]
+        sev = f", severity {next(iter(sevs[g]))}" if len(sevs[g]) == 1 and next(iter(sevs[g])) else ""
         lines += [
-            f"### {metric}: {key}",
+            f"### {metric}: {g}{sev}",
             "",
             "| method | " + " | ".join(short) + " |",
             "|---|" + "---:|" * len(corrs),
         ]
-        for m in methods:
-            cells = [mean_std(by.get((key, m, c), [])) for c in corrs]
-            cells[-1] = f"**{cells[-1]}**"
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        for m in ms:
+            vals = [mean_std(by.get((g, m, c), [])) for c in corrs]
+            vals[-1] = f"**{vals[-1]}**"
+            lines.append(f"| {m} | " + " | ".join(vals) + " |")
         lines.append("")
     return lines
 
@@ -126,7 +148,9 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     order: list[tuple[str, str]] = []
     for r in rows:
-        k = (r["method"], f"{r['scenario']} s{r['severity']} b{r['batch_size']}")
+        if r["corruption"] not in ("mean", "all"):
+            continue
+        k = (r["method"], _group(r))
         if k not in order:
             order.append(k)
         by[(*k, f"{r['metric']}|{r['corruption']}")].append(float(r["value"]))

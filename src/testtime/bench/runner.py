@@ -66,18 +66,21 @@ def run_stream(
         sync()
         seconds += time.perf_counter() - t0
         logits = logits.cpu()
-        wrong = logits.argmax(1) != y
+        known = y >= 0
+        wrong = logits.argmax(1)[known] != y[known]
         for k in np.unique(batch.domain_ids):
             m = torch.from_numpy(batch.domain_ids == k)
             accs[int(k)].update(logits[m], y[m])
-        err = 100.0 * float(wrong.float().mean())
+        err = 100.0 * float(wrong.float().mean()) if len(wrong) else float("nan")
         first = int(batch.domain_ids[0])
         trace.append({"batch": b, "domain": str(stream.domains[first]), "n": len(y), "error": err})
         if on_batch:
             on_batch(b, err)
     per_domain = {str(stream.domains[i]): a.summary() for i, a in accs.items() if a.n}
-    keys = ("error", "nll", "ece", "brier")
-    mean = {k: float(np.mean([d[k] for d in per_domain.values()])) for k in keys}
+    keys = ["error", "nll", "ece", "brier"]
+    keys += [k for k in ("auroc", "h_score") if any(k in d for d in per_domain.values())]
+    shifted = {n: d for n, d in per_domain.items() if n != "clean"} or per_domain  # 'clean' is reported apart
+    mean = {k: float(np.mean([d[k] for d in shifted.values() if k in d])) for k in keys}
     counters = adapted.counters()
     n = max(1, counters["images"])
     cost = {
@@ -98,28 +101,49 @@ def run_stream(
 # ----------------------------------------------------------------------------- cells & files
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work: a method on a scenario at a severity with a seed."""
+    """One unit of work, fully specified: a method on a dataset's scenario with a seed.
+
+    Two cells with equal fields give the same results (up to floating-point nondeterminism of
+    the device); `cell_id` names its result file and is what resumption keys on.
+    """
 
     method: str
     scenario: str
-    severity: int
-    seed: int
-    batch_size: int
+    seed: int = 0
+    dataset: str = "cifar10"
+    severity: int = 5
+    batch_size: int = 200
+    scenario_options: tuple[tuple[str, str], ...] = ()
+    corruptions: tuple[str, ...] | None = None
+    n_per_domain: int | None = None
     overrides: tuple[tuple[str, str], ...] = ()
+    data: str = "embedded"
+    cifar10c: str | None = None
+    corruption_seed: int = 0
+    model: str | None = None
+    model_path: str | None = None
+    arch: str | None = None
 
     @property
     def cell_id(self) -> str:
-        base = f"{self.method}__{self.scenario}__s{self.severity}__b{self.batch_size}__seed{self.seed}"
-        if self.overrides:
-            h = hashlib.sha256(json.dumps(self.overrides).encode()).hexdigest()[:8]
-            base += f"__o{h}"
+        base = f"{self.dataset}__{self.scenario}__s{self.severity}__b{self.batch_size}__{self.method}__seed{self.seed}"
+        extra = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("method", "scenario", "seed", "dataset", "severity", "batch_size")
+            and v not in ((), None)
+        }
+        if extra and extra != {"data": "embedded", "corruption_seed": 0}:
+            h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode()).hexdigest()[:8]
+            base += f"__{h}"
         return base
 
 
 def tidy_rows(cell: Cell, res: StreamResult) -> list[dict[str, Any]]:
-    """Rows (method, scenario, corruption, severity, seed, metric, value) for the tidy CSV."""
+    """Rows (dataset, method, scenario, corruption, severity, seed, batch_size, metric, value)."""
     rows = []
     base = {
+        "dataset": cell.dataset,
         "method": cell.method,
         "scenario": cell.scenario,
         "seed": cell.seed,
@@ -140,19 +164,22 @@ def tidy_rows(cell: Cell, res: StreamResult) -> list[dict[str, Any]]:
     return rows
 
 
-def write_cell(out_dir: Path, cell: Cell, res: StreamResult, describe: dict[str, Any]) -> Path:
+def cell_payload(cell: Cell, res: StreamResult, describe: dict[str, Any]) -> dict[str, Any]:
+    """Everything persisted about a finished cell (JSON-serialisable)."""
+    return {
+        "cell": asdict(cell),
+        "cell_id": cell.cell_id,
+        "method": describe,
+        "rows": tidy_rows(cell, res),
+        "trace": res.trace,
+        "extra": res.extra,
+    }
+
+
+def write_payload(out_dir: Path, payload: dict[str, Any]) -> Path:
     """Persist one finished cell atomically (the unit of resumption)."""
-    path = out_dir / "cells" / f"{cell.cell_id}.json"
-    atomic_write_json(
-        path,
-        {
-            "cell": asdict(cell),
-            "method": describe,
-            "rows": tidy_rows(cell, res),
-            "trace": res.trace,
-            "extra": res.extra,
-        },
-    )
+    path = Path(out_dir) / "cells" / f"{payload['cell_id']}.json"
+    atomic_write_json(path, payload)
     return path
 
 

@@ -33,6 +33,40 @@ def reliability_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) ->
         return {"edges": edges, "count": count, "confidence": s_conf / count, "accuracy": s_acc / count}
 
 
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (%) of `scores` for detecting `positive` samples (ties count half)."""
+    from scipy.stats import rankdata
+
+    pos = positive.astype(bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return 100.0 * float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def open_set_metrics(
+    conf: np.ndarray, correct: np.ndarray, unknown: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
+    """Unknown detection by max-softmax confidence: AUROC, and H-score at `threshold`.
+
+    A sample is rejected as unknown when its confidence is below `threshold`. Known accuracy counts a
+    rejected known sample as wrong; unknown accuracy is the fraction of unknowns rejected; the H-score
+    is their harmonic mean (%), as in universal domain adaptation.
+    """
+    unknown = unknown.astype(bool)
+    rejected = conf < threshold
+    acc_known = float((correct[~unknown] & ~rejected[~unknown]).mean()) if (~unknown).any() else float("nan")
+    acc_unknown = float(rejected[unknown].mean()) if unknown.any() else float("nan")
+    h = 2 * acc_known * acc_unknown / (acc_known + acc_unknown) if acc_known + acc_unknown > 0 else 0.0
+    return {
+        "auroc": auroc(-conf, unknown),
+        "h_score": 100.0 * h,
+        "known_acc_open": 100.0 * acc_known,
+        "unknown_rejected": 100.0 * acc_unknown,
+    }
+
+
 @dataclass
 class MetricAccumulator:
     """Accumulates predictions of one domain (or a whole stream) batch by batch."""
@@ -45,11 +79,28 @@ class MetricAccumulator:
     conf: list[np.ndarray] = field(default_factory=list)
     correct: list[np.ndarray] = field(default_factory=list)
     batch_errors: list[float] = field(default_factory=list)
+    open_conf: list[np.ndarray] = field(default_factory=list)  # confidences of all samples (open set)
+    open_correct: list[np.ndarray] = field(default_factory=list)
+    open_unknown: list[np.ndarray] = field(default_factory=list)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
-        """Add a batch; returns its error (%)."""
+        """Add a batch; returns its error (%) on known-class samples (labels >= 0).
+
+        Samples labelled -1 are unknown-class (open set): they are excluded from the closed-set
+        metrics and used for unknown-detection metrics.
+        """
         logits = logits.detach().float().cpu()
         labels = labels.detach().cpu().long()
+        known = labels >= 0
+        if not bool(known.all()) or self.open_conf:
+            p_all = logits.softmax(1)
+            conf_all, pred_all = p_all.max(1)
+            self.open_conf.append(conf_all.numpy())
+            self.open_correct.append((pred_all == labels).numpy())
+            self.open_unknown.append((~known).numpy())
+            logits, labels = logits[known], labels[known]
+            if len(labels) == 0:
+                return float("nan")
         logp = logits.log_softmax(1)
         p = logp.exp()
         conf, pred = p.max(1)
@@ -73,6 +124,9 @@ class MetricAccumulator:
         self.conf += other.conf
         self.correct += other.correct
         self.batch_errors += other.batch_errors
+        self.open_conf += other.open_conf
+        self.open_correct += other.open_correct
+        self.open_unknown += other.open_unknown
 
     def summary(self) -> dict[str, float]:
         """error (%), nll, ece (%), brier (sum over classes, mean over samples), n."""
@@ -86,10 +140,19 @@ class MetricAccumulator:
             }
         conf = np.concatenate(self.conf)
         correct = np.concatenate(self.correct)
-        return {
+        out = {
             "error": 100.0 * self.wrong / self.n,
             "nll": self.nll_sum / self.n,
             "ece": expected_calibration_error(conf, correct),
             "brier": self.brier_sum / self.n,
             "n": self.n,
         }
+        if self.open_conf:
+            out.update(
+                open_set_metrics(
+                    np.concatenate(self.open_conf),
+                    np.concatenate(self.open_correct),
+                    np.concatenate(self.open_unknown),
+                )
+            )
+        return out

@@ -31,9 +31,11 @@ class TrainConfig:
     bf16: bool = True  # autocast matmuls/convs to bfloat16 on CPUs that support it
     threads: int = 0  # 0: leave torch's default
     eval_every: int = 5
+    flip: bool = True  # horizontal flips (off for digits)
+    pad: int = 4  # random-crop padding
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip of a uint8 NHWC batch -> float NCHW in [0,1]."""
     n, h, w, _ = x.shape
     xp = F.pad(x.permute(0, 3, 1, 2), (pad, pad, pad, pad))
@@ -43,8 +45,9 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor
     xp = torch.gather(xp, 2, rows)
     cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(n, 3, h, w)
     out = torch.gather(xp, 3, cols)
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(3)
+    if flip:
+        flips = torch.rand(n, generator=gen) < 0.5
+        out[flips] = out[flips].flip(3)
     return out.float().div_(255)
 
 
@@ -123,7 +126,7 @@ def train_source(
         tot_loss, tot_wrong = 0.0, 0
         for i in range(spe):
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            xb = augment(xtr[idx], gen).contiguous(memory_format=torch.channels_last)
+            xb = augment(xtr[idx], gen, cfg.pad, cfg.flip).contiguous(memory_format=torch.channels_last)
             yb = ytr[idx]
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, epoch * spe + i, spe)

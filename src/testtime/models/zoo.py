@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 from testtime.errors import ConfigError, ModelError
+from testtime.models.digits import DigitNet
 from testtime.models.resnet import CifarResNet
 from testtime.utils import sha256_file
 
 ARCHS: dict[str, Callable[[], nn.Module]] = {
     "resnet20": lambda: CifarResNet(depth=20),
     "resnet26": lambda: CifarResNet(depth=26),
+    "digitnet": DigitNet,
 }
 
 
@@ -43,7 +45,23 @@ SHIPPED: dict[str, ShippedModel] = {
             file="cifar10_resnet26.pt",
             sha256="0f076fd645e988d88eab4fc6fc52b03d89a7647b47b69d0322293779aadd9666",
             description="CIFAR ResNet-26 (BatchNorm), trained by `testtime train-source` (seed 0)",
-        )
+        ),
+        ShippedModel(
+            name="mnist_digitnet",
+            arch="digitnet",
+            dataset="mnist",
+            file="mnist_digitnet.pt",
+            sha256="44354699c77a8bbe4e33f90aec6976fa6cf5ccd94d39aa22f11a7e2ba5277ea7",
+            description="DigitNet (BatchNorm) on MNIST as 32x32 RGB, 10 epochs, seed 0 (MNIST test error 0.37%)",
+        ),
+        ShippedModel(
+            name="usps_digitnet",
+            arch="digitnet",
+            dataset="usps",
+            file="usps_digitnet.pt",
+            sha256="78f1a8543c1fe2d2f1f153eed4ce7d9e98e982b6cfa5c9dcada2f9718b288f31",
+            description="DigitNet (BatchNorm) on USPS as 32x32 RGB, 30 epochs, seed 0 (USPS test error 2.29%)",
+        ),
     ]
 }
 DEFAULT_MODEL = "cifar10_resnet26"

@@ -1,0 +1,190 @@
+"""Benchmark suites: grids of cells (methods x scenarios x seeds) and their resumable execution."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from testtime.adapt.registry import list_methods
+from testtime.bench.experiment import ExecOptions, execute_cell, prepare_out_dir, run_cells_sequential
+from testtime.bench.report import render
+from testtime.bench.runner import Cell, write_payload
+from testtime.errors import ConfigError
+
+
+@dataclass
+class SuiteArgs:
+    """User choices that parameterise a suite."""
+
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data: str = "auto"
+    methods: list[str] | None = None  # restrict to these methods
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    build: Callable[[SuiteArgs], list[Cell]]
+    default_seeds: tuple[int, ...] = (0,)
+
+
+def _methods(preferred: list[str], args: SuiteArgs) -> list[str]:
+    available = list_methods()
+    chosen = [m for m in preferred if m in available]
+    if args.methods:
+        unknown = [m for m in args.methods if m not in available]
+        if unknown:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)}")
+        chosen = [m for m in args.methods if m in chosen or m in available]
+    return chosen
+
+
+def _grid(methods: list[str], settings: list[dict[str, Any]], seeds: list[int]) -> list[Cell]:
+    cells = []
+    for s in settings:
+        for seed in seeds:
+            for m in methods:
+                cells.append(Cell(method=m, seed=seed, **s))
+    return cells
+
+
+QUICK_METHODS = ["source", "bn", "tent", "eta", "eata", "sar", "deyo", "rotta", "roid", "lame", "unmix_tns",
+                 "t3a"]  # fmt: skip
+DIGIT_METHODS = ["source", "bn", "tent", "eata", "sar", "cotta"]
+
+
+def quick(args: SuiteArgs) -> list[Cell]:
+    """Embedded CIFAR-10 subset (500 images per corruption) in three scenarios, plus MNIST->USPS."""
+    base = {"dataset": "cifar10", "data": "embedded", "severity": 5, "batch_size": 100, "n_per_domain": 500}
+    settings = [
+        {**base, "scenario": "continual"},
+        {**base, "scenario": "correlated", "scenario_options": (("delta", "0.1"),)},
+        {**base, "scenario": "mixed_domains"},
+    ]
+    digits = [{"dataset": "mnist_usps", "scenario": "continual", "batch_size": 200, "data": "auto"}]
+    return _grid(_methods(QUICK_METHODS, args), settings, args.seeds) + _grid(
+        _methods(DIGIT_METHODS, args), digits, args.seeds
+    )
+
+
+def paper(args: SuiteArgs) -> list[Cell]:
+    """The published CIFAR-10-C protocol: full 10k test set, 15 corruptions, severity 5, batch 200,
+    continual and reset_each_shift, every registered method."""
+    base = {"dataset": "cifar10", "data": args.data, "severity": 5, "batch_size": 200}
+    settings = [{**base, "scenario": "continual"}, {**base, "scenario": "reset_each_shift"}]
+    return _grid(_methods(list_methods(), args), settings, args.seeds)
+
+
+def scenarios(args: SuiteArgs) -> list[Cell]:
+    """Every scenario of the literature on the full test set (1,000 images per domain, batch 200)."""
+    base = {"dataset": "cifar10", "data": args.data, "severity": 5, "batch_size": 200, "n_per_domain": 1000}
+    settings = [
+        {**base, "scenario": s}
+        for s in ("continual", "gradual", "mixed_domains", "correlated", "mixed_correlated", "imbalanced_label_shift",
+                  "open_set", "forgetting")
+    ]  # fmt: skip
+    return _grid(_methods(["source", "bn", "tent", "eata", "sar", "cotta", "rotta", "roid", "lame"], args),
+                 settings, args.seeds)  # fmt: skip
+
+
+def digits(args: SuiteArgs) -> list[Cell]:
+    """The real shifts MNIST->USPS and USPS->MNIST for every registered method."""
+    settings = [{"dataset": d, "scenario": "continual", "batch_size": 200, "data": "auto"}
+                for d in ("mnist_usps", "usps_mnist")]  # fmt: skip
+    return _grid(_methods(list_methods(), args), settings, args.seeds)
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in [
+        Suite("quick", quick.__doc__ or "", quick, (0, 1)),
+        Suite("paper", paper.__doc__ or "", paper, (0,)),
+        Suite("scenarios", scenarios.__doc__ or "", scenarios, (0,)),
+        Suite("digits", digits.__doc__ or "", digits, (0, 1, 2)),
+    ]
+}
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise ConfigError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    return SUITES[name]
+
+
+def _execute_in_worker(cell: Cell, opts: ExecOptions) -> dict[str, Any]:
+    return execute_cell(cell, opts)
+
+
+def run_cells_pool(cells: list[Cell], opts: ExecOptions, out_dir: Path, jobs: int, console: Console) -> None:
+    """Run cells in a local process pool; the parent writes each finished cell (no loss, no duplicates)."""
+    threads = opts.threads or max(1, (os.cpu_count() or 1) // jobs)
+    wopts = dataclasses.replace(opts, threads=threads)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        pending: dict[Future, Cell] = {pool.submit(_execute_in_worker, c, wopts): c for c in cells}
+        done_n = 0
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                cell = pending.pop(fut)
+                write_payload(out_dir, fut.result())
+                done_n += 1
+                console.log(f"[{done_n}/{len(cells)}] {cell.cell_id}")
+            render(out_dir, plots=False)
+
+
+def run_suite(
+    suite_name: str,
+    args: SuiteArgs,
+    out: str | Path,
+    opts: ExecOptions,
+    jobs: int = 1,
+    backend: str = "local",
+    console: Console | None = None,
+) -> Path:
+    """Run (or resume) a suite into `out/<suite>`; completed cells are skipped."""
+    console = console or Console(stderr=True)
+    suite = get_suite(suite_name)
+    if not args.seeds:
+        args.seeds = list(suite.default_seeds)
+    cells = suite.build(args)
+    if not cells:
+        raise ConfigError(f"suite {suite_name!r} has no cells for the chosen methods")
+    out_dir = Path(out) / suite_name
+    identity = {"suite": suite_name, "data": args.data}
+    methods = list(dict.fromkeys(c.method for c in cells))
+    meta = {
+        "suite": suite_name,
+        "description": suite.description,
+        "seeds": args.seeds,
+        "methods": methods,
+        "data_description": f"suite {suite_name} (data={args.data})",
+        "model": "per dataset",
+    }
+    done = prepare_out_dir(out_dir, identity, meta)
+    todo = [c for c in cells if c.cell_id not in done]
+    console.log(
+        f"suite {suite_name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run"
+    )
+    t0 = time.time()
+    if backend == "ray":
+        from testtime.bench.ray_backend import run_cells_ray
+
+        run_cells_ray(todo, opts, out_dir, console)
+    elif backend != "local":
+        raise ConfigError(f"unknown backend {backend!r}; use local or ray")
+    elif jobs > 1 and todo:
+        run_cells_pool(todo, opts, out_dir, jobs, console)
+    else:
+        run_cells_sequential(todo, opts, out_dir, console)
+    render(out_dir, plots=True)
+    console.log(f"suite {suite_name} finished in {time.time() - t0:.0f} s")
+    return out_dir
