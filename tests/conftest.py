@@ -63,9 +63,15 @@ def _feed(h, v) -> None:
 
 
 def state_hash(module: torch.nn.Module) -> str:
-    """sha256 over every parameter, buffer and extra state (names, dtypes, shapes, values)."""
+    """sha256 over every parameter, buffer and extra state (names, dtypes, shapes, values).
+
+    The usage counters of an `AdaptedModel` (images seen, passes) are bookkeeping that survives
+    `reset()` by design, so they are left out.
+    """
+    from testtime.adapt.base import AdaptedModel
+
     h = hashlib.sha256()
-    _feed(h, dict(module.state_dict()))
+    _feed(h, {k: v for k, v in module.state_dict().items() if k not in AdaptedModel.COUNTERS})
     return h.hexdigest()
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -78,6 +79,7 @@ class RunConfig:
     model_path: str | None = None
     arch: str | None = None
     overrides: dict[str, str] = field(default_factory=dict)
+    source_samples: int = 0  # clean training images given to every method (methods that need some get 2000)
     out: str = "results"
     run_id: str | None = None
     exec: ExecOptions = field(default_factory=ExecOptions)
@@ -102,6 +104,7 @@ class RunConfig:
                 model=self.model,
                 model_path=self.model_path,
                 arch=self.arch,
+                source_samples=self.source_samples,
             )
             for seed in self.seeds
             for m in expand_methods(self.methods)
@@ -196,6 +199,34 @@ def domain_data(cell: Cell, cache_dir: str | None, log: Callable[[str], None] | 
     return _DATA[key][0]
 
 
+DEFAULT_SOURCE_SAMPLES = 2000  # for methods that cannot run without source data
+
+
+def source_data(cell: Cell) -> ImageSet | None:
+    """A class-balanced sample of the dataset's clean training split for the method, or None."""
+    needs = getattr(get_method(cell.method), "requires_source_data", False)
+    n = cell.source_samples or (DEFAULT_SOURCE_SAMPLES if needs else 0)
+    if n <= 0:
+        return None
+    if cell.dataset == "cifar10":
+        path = None if cell.data in ("embedded", "auto") else cell.data
+        if find_cifar10(path) is None:
+            raise ConfigError(
+                f"{cell.method} needs source (training) images, but the CIFAR-10 training set was not found; "
+                "put cifar10_jpeg.npz or cifar-10-batches-py under $TESTTIME_DATA (or pass --data PATH)"
+            )
+        train = load_cifar10("train", path)
+    else:
+        train = load_digits(cell.dataset.split("_")[0], "train")
+    rng = np.random.default_rng(cell.seed)
+    per_class = max(1, n // int(train.y.max() + 1))
+    idx = np.concatenate(
+        [rng.permutation(np.flatnonzero(train.y == c))[:per_class] for c in np.unique(train.y)]
+    )
+    idx = np.sort(idx)
+    return ImageSet(train.x[idx], train.y[idx], f"{train.source} (training split, {len(idx)} images)")
+
+
 def source_model(cell: Cell, device: torch.device) -> torch.nn.Module:
     name = cell.model or DEFAULT_MODELS.get(cell.dataset, DEFAULT_MODEL)
     key = (name, cell.model_path, cell.arch, str(device))
@@ -236,7 +267,9 @@ def execute_cell(
         stream.data.get(d)
     seed_everything(cell.seed)
     model = source_model(cell, device)
-    adapted = adapt(model, cell.method, seed=cell.seed, **dict(cell.overrides)).to(device)
+    adapted = adapt(
+        model, cell.method, source_data=source_data(cell), seed=cell.seed, **dict(cell.overrides)
+    ).to(device)
     if on_start:
         on_start(len(stream))
     res = run_stream(adapted, stream, on_batch=on_batch)
@@ -343,10 +376,16 @@ def print_error_table(out_dir: Path, console: Console) -> None:
         for r in sub:
             vals.setdefault((r["method"], r["corruption"]), []).append(float(r["value"]))
         t = Table(title=f"error % — {group[0]} {group[1]} ({out_dir})")
-        t.add_column("method")
-        for c in corrs:
-            t.add_column(c.split("_")[0][:8], justify="right")
+        t.add_column("domain")
         for m in methods:
-            cells = [vals.get((m, c)) for c in corrs]
-            t.add_row(m, *[f"{sum(v) / len(v):.1f}" if v else "-" for v in cells])
+            t.add_column(m, justify="right")
+        for c in corrs:
+            cells = [vals.get((m, c)) for m in methods]
+            if c == "mean":
+                t.add_section()
+            t.add_row(
+                c,
+                *[f"{sum(v) / len(v):.1f}" if v else "-" for v in cells],
+                style="bold" if c == "mean" else None,
+            )
         console.print(t)

@@ -123,6 +123,7 @@ class Cell:
     model: str | None = None
     model_path: str | None = None
     arch: str | None = None
+    source_samples: int = 0  # clean training images handed to the method (0: only if it needs them)
 
     @property
     def cell_id(self) -> str:
@@ -132,6 +133,7 @@ class Cell:
             for k, v in asdict(self).items()
             if k not in ("method", "scenario", "seed", "dataset", "severity", "batch_size")
             and v not in ((), None)
+            and not (k == "source_samples" and v == 0)
         }
         if extra and extra != {"data": "embedded", "corruption_seed": 0}:
             h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -19,3 +19,12 @@ def cross_entropy_soft(logits: torch.Tensor, target_logits: torch.Tensor) -> tor
 def symmetric_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Symmetric CE between student and teacher predictions, per sample (RMT, Döbler et al. 2023)."""
     return alpha * cross_entropy_soft(student, teacher) + (1 - alpha) * cross_entropy_soft(teacher, student)
+
+
+def soft_likelihood_ratio(logits: torch.Tensor, clip: float = 0.99, eps: float = 1e-5) -> torch.Tensor:
+    """Soft likelihood ratio loss, per sample (ROID, Marsden et al. 2024): -sum p log(p / (1 - p)).
+
+    Probabilities are clipped at `clip` so that the ratio stays finite, as in the official code.
+    """
+    p = logits.softmax(1).clamp(0.0, clip)
+    return -(p * torch.log(p / (1 - p) + eps)).sum(1)
