@@ -81,11 +81,15 @@ def to_batch(x: np.ndarray) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def noisy_stream(embedded):
-    """400 embedded test images with severity-5 Gaussian noise (our CIFAR-10-C generator)."""
+    """400 embedded test images with severity-5 impulse noise (our CIFAR-10-C generator).
+
+    Impulse rather than Gaussian noise: the shipped source model is unusually robust to Gaussian
+    noise (about 32% error at severity 5), which leaves too little headroom for adaptation tests.
+    """
     from testtime.data.corruptions import corrupt
 
     idx = np.random.default_rng(0).permutation(len(embedded))[:400]
-    x = corrupt(embedded.x[idx], "gaussian_noise", 5, seed=0)
+    x = corrupt(embedded.x[idx], "impulse_noise", 5, seed=0)
     return to_batch(x), torch.from_numpy(embedded.y[idx])
 
 

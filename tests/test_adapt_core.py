@@ -61,7 +61,7 @@ def test_bn_adapt_lowers_error_on_noise(source_model, noisy_stream):
     x, y = noisy_stream
     src = error(run(adapt(source_model, "source"), x, y), y)
     bn = error(run(adapt(source_model, "bn"), x, y), y)
-    assert bn < src - 10, (src, bn)
+    assert bn < 0.8 * src, (src, bn)
 
 
 def test_tent_updates_only_bn_affine_and_beats_bn(source_model, noisy_stream):

@@ -74,7 +74,7 @@ def test_deyo_changes_only_bn_affine_and_beats_source(source_model, stream):
 
 def test_thresholds_gate_the_update(source_model, stream):
     x, _ = stream
-    a = adapt(source_model, "deyo", plpd_threshold=0.999)
+    a = adapt(source_model, "deyo", plpd_threshold=1.0)  # PLPD <= 1: nothing passes
     s0 = snapshot(a)
     a(x[:BS])
     assert int(a.n_reliable) > 0 and int(a.n_selected) == 0

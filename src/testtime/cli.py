@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--data", default="auto", help="clean CIFAR-10 for full-data suites: auto or a path")
     bn.add_argument("--out", default="results/bench", help="results root; the suite writes to OUT/SUITE")
     bn.add_argument("--jobs", "-j", type=int, default=1, help="parallel worker processes (local backend)")
-    bn.add_argument("--backend", default="local", choices=["local", "ray"], help="where cells run")
+    bn.add_argument("--backend", default="local", choices=["local"], help="where cells run")
     bn.add_argument("--device", default="cpu")
     bn.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / jobs)")
     bn.add_argument("--cache-dir", help="where generated corruptions are cached")

@@ -175,12 +175,8 @@ def run_suite(
         f"suite {suite_name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run"
     )
     t0 = time.time()
-    if backend == "ray":
-        from testtime.bench.ray_backend import run_cells_ray
-
-        run_cells_ray(todo, opts, out_dir, console)
-    elif backend != "local":
-        raise ConfigError(f"unknown backend {backend!r}; use local or ray")
+    if backend != "local":
+        raise ConfigError(f"unknown backend {backend!r}; only 'local' is available")
     elif jobs > 1 and todo:
         run_cells_pool(todo, opts, out_dir, jobs, console)
     else:

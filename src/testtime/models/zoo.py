@@ -43,7 +43,7 @@ SHIPPED: dict[str, ShippedModel] = {
             arch="resnet26",
             dataset="cifar10",
             file="cifar10_resnet26.pt",
-            sha256="0f076fd645e988d88eab4fc6fc52b03d89a7647b47b69d0322293779aadd9666",
+            sha256="7f14361a539daf6b56b243a22af12081e9bce5664c0e0e4f668f77998488676a",
             description="CIFAR ResNet-26 (BatchNorm), trained by `testtime train-source` (seed 0)",
         ),
         ShippedModel(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -28,3 +30,23 @@ def soft_likelihood_ratio(logits: torch.Tensor, clip: float = 0.99, eps: float =
     """
     p = logits.softmax(1).clamp(0.0, clip)
     return -(p * torch.log(p / (1 - p) + eps)).sum(1)
+
+
+def marginal_entropy(logits: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Entropy of the mean softmax prediction over the batch (dim 0), a scalar.
+
+    `eps=0` averages in log space (MEMO, Zhang et al. 2022); `eps>0` computes
+    `-sum p log(p + eps)` of the mean probabilities (SHOT's diversity term, Liang et al. 2020).
+    """
+    if eps == 0.0:
+        logp = logits.log_softmax(1).logsumexp(0) - math.log(logits.shape[0])
+        logp = logp.clamp_min(torch.finfo(logp.dtype).min)
+        return -(logp.exp() * logp).sum()
+    p = logits.softmax(1).mean(0)
+    return -(p * torch.log(p + eps)).sum()
+
+
+def information_maximization(logits: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """SHOT's information-maximisation loss (Liang et al. 2020), a scalar: mean per-sample
+    entropy minus the entropy of the mean prediction (confident and diverse predictions)."""
+    return entropy(logits).mean() - marginal_entropy(logits, eps)

@@ -8,7 +8,7 @@ import pkgutil
 # Listing order of `testtime methods` and `--method all`; methods not named here follow alphabetically.
 CANONICAL_ORDER = (
     "source", "bn", "tent", "eta", "eata", "sar", "deyo", "cotta", "rmt", "petal", "rotta", "roid",
-    "lame", "unmix_tns", "alpha_bn", "adanpc", "t3a", "cafa", "crowd_filter", "vida", "ecotta", "nhl",
+    "lame", "unmix_tns", "alpha_bn", "adanpc", "t3a", "cafa", "crowd_filter",
     "memo", "shot",
 )  # fmt: skip
 

@@ -74,7 +74,7 @@ class DeYOConfig(SelectionConfig):
         return [
             *super().checks(),
             ("weight_margin", math.isfinite(self.weight_margin), "must be a finite number"),
-            ("plpd_threshold", -1 <= self.plpd_threshold < 1, "must be in [-1, 1)"),
+            ("plpd_threshold", -1 <= self.plpd_threshold <= 1, "must be in [-1, 1]"),
             ("aug_type", self.aug_type in ("patch", "pixel"), "must be 'patch' or 'pixel'"),
             ("patch_len", self.patch_len >= 1, "must be >= 1"),
         ]
