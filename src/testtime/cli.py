@@ -120,7 +120,9 @@ def cmd_train_source(args: argparse.Namespace, console: Console) -> int:
     train = load_cifar10("train", args.data)
     test = load_cifar10("test", args.data)
     console.log(f"training {cfg.arch} on {train.source} ({len(train)} images), {cfg.epochs} epochs")
-    train_source(cfg, (train.x, train.y), (test.x, test.y.astype(np.int64)), args.out)
+    train_source(
+        cfg, (train.x, train.y), (test.x, test.y.astype(np.int64)), args.out, stop_after=args.stop_after
+    )
     console.print(f"weights: {args.out}/{cfg.arch}.pt  log: {args.out}/train_log.json")
     return 0
 
@@ -265,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--no-bf16", action="store_true", help="train in float32 (slower on CPU)")
+    t.add_argument(
+        "--stop-after", type=int, default=None, help="end after this epoch (resume later from the checkpoint)"
+    )
     t.add_argument("--out", default="runs/source", help="checkpoint/output directory (resumes if present)")
     t.set_defaults(func=cmd_train_source)
 

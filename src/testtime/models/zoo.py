@@ -44,7 +44,8 @@ SHIPPED: dict[str, ShippedModel] = {
             dataset="cifar10",
             file="cifar10_resnet26.pt",
             sha256="7f14361a539daf6b56b243a22af12081e9bce5664c0e0e4f668f77998488676a",
-            description="CIFAR ResNet-26 (BatchNorm), trained by `testtime train-source` (seed 0)",
+            description="CIFAR ResNet-26 (BatchNorm), `testtime train-source`, 48 epochs, seed 0 "
+            "(CIFAR-10 test error 11.37%)",
         ),
         ShippedModel(
             name="mnist_digitnet",
