@@ -63,8 +63,8 @@ DIGIT_METHODS = ["source", "bn", "tent", "eata", "sar", "cotta"]
 
 
 def quick(args: SuiteArgs) -> list[Cell]:
-    """Embedded CIFAR-10 subset (500 images per corruption) in three scenarios, plus MNIST->USPS."""
-    base = {"dataset": "cifar10", "data": "embedded", "severity": 5, "batch_size": 100, "n_per_domain": 500}
+    """Embedded CIFAR-10 subset (250 images per corruption) in three scenarios, plus MNIST->USPS."""
+    base = {"dataset": "cifar10", "data": "embedded", "severity": 5, "batch_size": 100, "n_per_domain": 250}
     settings = [
         {**base, "scenario": "continual"},
         {**base, "scenario": "correlated", "scenario_options": (("delta", "0.1"),)},

@@ -32,27 +32,12 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from testtime.data.cifar import CIFAR10C_CORRUPTIONS
 from testtime.errors import ConfigError, DataError
 
 CORRUPTION_VERSION = 1  # bump when any output changes; part of the cache key
 
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
+CORRUPTIONS: tuple[str, ...] = CIFAR10C_CORRUPTIONS  # the standard order
 
 _FROST_DIR = Path(__file__).parent / "assets" / "frost"
 

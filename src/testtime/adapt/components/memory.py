@@ -125,3 +125,9 @@ class CategoryBalancedMemory(nn.Module):
         idx = torch.nonzero(self.filled).flatten()
         order = idx[torch.argsort(self.label[idx] * (2**40) + self.stamp[idx])]
         return self.items.data[order], self.age[order].float() / self.capacity
+
+
+def timeliness_weights(ages: torch.Tensor) -> torch.Tensor:
+    """RoTTA's timeliness re-weighting of memory samples: `exp(-a) / (1 + exp(-a))`, with `a` the
+    age divided by the capacity (as returned by `CategoryBalancedMemory.contents`); 0.5 when new."""
+    return torch.exp(-ages) / (1 + torch.exp(-ages))

@@ -16,7 +16,7 @@ probability 0.01. The returned prediction is the teacher's.
 | ema_momentum | 0.999 | paper / official CIFAR-10-C config (`MT`) |
 | restore_prob | 0.01 | paper / official CIFAR-10-C config (`RST`) |
 | anchor_threshold | 0.92 | official CIFAR-10-C config (`AP`) |
-| n_augment | 32 | paper / official code |
+| n_augment | 32 | paper / official code (`N = 32`) |
 | episodic | False | official config |
 
 Deviations:
@@ -24,6 +24,9 @@ Deviations:
   augmented copies, then keeps only one of the two; here only the pass that is used runs.
 - Augmentations are `components.augment.TTAAugment` (a torch re-implementation of the official
   torchvision pipeline; one random parameter set per call, as the original), drawn from `self.rng`.
+- Restoration masks are drawn from `self.rng` (part of the adapted state, so `reset()` replays
+  them); the official code uses the global torch RNG. As there, the teacher and the anchor are
+  copies of the prepared student, so they too normalise with test-batch statistics.
 """
 
 from __future__ import annotations

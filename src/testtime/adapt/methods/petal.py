@@ -30,6 +30,10 @@ Deviations:
   augmented copies and keeps one of the two; only the used pass runs here.
 - The Fisher mask is taken from the gradients the optimiser step uses (a step pre-hook); when an
   update is skipped as non-finite, no restoration happens for that batch.
+- The quantile is linearly interpolated as the official `find_quantile` (`torch.quantile`); above
+  16M trainable elements (the `torch.quantile` limit) the lower order statistic is used instead.
+- Calibration (NLL, Brier score), which the paper reports, is measured by `testtime.metrics`, not
+  by the method.
 """
 
 from __future__ import annotations

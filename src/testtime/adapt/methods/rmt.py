@@ -26,7 +26,7 @@ feature space the classifier was trained on).
 | lambda_cont | 1.0 | official `conf.py` (`RMT.LAMBDA_CONT`) |
 | lambda_ce_src | 1.0 (used only with source data) | official `conf.py` (`RMT.LAMBDA_CE_SRC`) |
 | warmup_samples | 50000 (used only with source data) | official `conf.py` (`RMT.NUM_SAMPLES_WARM_UP`) |
-| source_batch_size | 200 | official: the test batch size (200 for CIFAR-10-C) |
+| source_batch_size | 200 | official: its source loader uses the test batch size (200 for CIFAR-10-C); here the warm-up and prototype batch size, replay batches match the current test batch |
 | temperature | 0.1 | official `conf.py` (`CONTRAST.TEMPERATURE`) |
 | projection_dim | 128 | official `conf.py` (`CONTRAST.PROJECTION_DIM`) |
 | max_prototype_samples | 100000 | official code (feature extraction stops past 100k samples) |
@@ -38,6 +38,11 @@ Deviations:
 - Source batches are drawn uniformly at random (with `self.rng`) for each warm-up/replay step
   instead of iterating a shuffled loader epoch by epoch.
 - Augmentations are `components.augment.TTAAugment` (CoTTA's pipeline, as the official code).
+- With source data, a class without any source sample gets the classifier weight row as its
+  prototype (the official mean over an empty set would be NaN).
+- One combined backward for the target and replay losses (the official code runs two backward
+  passes before one optimiser step; the summed gradient is the same). Backward passes are counted
+  over the batch, its augmented copy and the replayed source batch.
 """
 
 from __future__ import annotations
@@ -159,6 +164,7 @@ class RMT(GradientMethod):
             ema_update(self.teacher, self.model, self.config.ema_momentum)
         for g, lr in zip(self.optimizer.param_groups, final):
             g["lr"] = lr
+        self.n_backward.zero_()  # source preparation, not test-time work (its forwards are not counted either)
 
     # ------------------------------------------------------------------ adaptation
     def step(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,9 +181,11 @@ class RMT(GradientMethod):
                 symmetric_cross_entropy(logits, teacher) + symmetric_cross_entropy(logits_aug, teacher)
             )
             loss = cfg.lambda_ce_trg * loss_st.mean() + cfg.lambda_cont * loss_cont
+            n_back = 2 * x.shape[0]  # the batch and its augmented copy
             if self.source_data is not None and cfg.lambda_ce_src > 0:
                 xs, ys = self._source_batch(x.shape[0])
                 loss = loss + cfg.lambda_ce_src * F.cross_entropy(self.model(xs), ys)
-            self.backward_and_step(loss, x.shape[0])
+                n_back += len(xs)
+            self.backward_and_step(loss, n_back)
             ema_update(self.teacher, self.model, cfg.ema_momentum)
         return logits + teacher

@@ -32,6 +32,12 @@ Deviations:
 - Batch of one: with weighting on, the min-max normalised weights are undefined (0/0) for a single
   sample; the official code would back-propagate NaN. Here no gradient step is taken for such a
   batch (weight ensembling, the running class distribution and prior correction still apply).
+- `use_weighting=False`: every sample is kept with weight 1 (the official code then refers to an
+  undefined mask); the running class distribution is only tracked when weighting is on, as there.
+- Backward passes are counted over the batch plus the augmented kept samples.
+- As in the official code, prior correction multiplies the *logits* by the smoothed prior (about
+  1/C), which leaves the ranking nearly intact but flattens the softmax: the returned outputs are
+  for argmax decisions, their softmax is poorly calibrated (high NLL/Brier).
 """
 
 from __future__ import annotations
@@ -107,9 +113,11 @@ class ROID(GradientMethod):
                 self.class_probs_ema.lerp_(logits.detach().softmax(1).mean(0), 1 - cfg.momentum_probs)
             if n > 1 or not cfg.use_weighting:  # weights are undefined for a single sample
                 loss = (soft_likelihood_ratio(logits, cfg.slr_clip, cfg.slr_eps) * weights)[keep].sum() / n
+                n_back = n
                 if cfg.use_consistency:
                     aug = self.model(self.augment(x[keep], self.rng))
                     loss = loss + (symmetric_cross_entropy(aug, logits[keep]) * weights[keep]).sum() / n
-                self.backward_and_step(loss, n)
+                    n_back += aug.shape[0]
+                self.backward_and_step(loss, n_back)
             self.source_weights.ensemble_(self.params, cfg.momentum_src)
         return prior_correction(logits) if cfg.use_prior_correction else logits

@@ -9,7 +9,10 @@ category-balanced memory (CSTU) with its teacher pseudo-label and entropy. Every
 student (BN affines, Adam) is trained on strongly augmented memory samples with the soft
 cross-entropy to the teacher's prediction on the plain memory samples, each weighted by its
 timeliness `exp(-a) / (1 + exp(-a))` (a = age / capacity); both networks update their robust-BN
-statistics on that memory batch, then the teacher takes its EMA step.
+statistics on that memory batch, then the teacher takes its EMA step. As in the official code
+(train mode during the update), the student's robust-BN statistics move with the strongly
+augmented memory batch and the teacher's with the plain one; test batches are predicted with the
+teacher's stored statistics, unchanged.
 
 | option | default | source |
 | --- | --- | --- |
@@ -41,7 +44,7 @@ from testtime.adapt.components.augment import TTAAugment
 from testtime.adapt.components.consistency import ema_, trainable_pairs
 from testtime.adapt.components.features import find_classifier
 from testtime.adapt.components.losses import cross_entropy_soft
-from testtime.adapt.components.memory import CategoryBalancedMemory
+from testtime.adapt.components.memory import CategoryBalancedMemory, timeliness_weights
 from testtime.adapt.components.norm import EMAStatsNorm
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.teacher import frozen_copy
@@ -155,6 +158,6 @@ class RoTTA(GradientMethod):
             with torch.no_grad():
                 target = self.teacher(data)
             student = self.model(self.augment(data, self.rng))
-            weights = torch.exp(-ages) / (1 + torch.exp(-ages))
-            self.backward_and_step((cross_entropy_soft(student, target) * weights).mean(), len(data))
+            loss = (cross_entropy_soft(student, target) * timeliness_weights(ages)).mean()
+            self.backward_and_step(loss, len(data))
         ema_(*trainable_pairs(self.teacher, self.model), 1 - self.config.nu)
