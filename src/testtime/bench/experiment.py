@@ -36,6 +36,7 @@ from testtime.data.streams import (
     NaturalShift,
     StreamSpec,
     build_stream,
+    check_scenario_options,
     list_scenarios,
 )
 from testtime.errors import ConfigError
@@ -143,6 +144,7 @@ def validate_cell(cell: Cell) -> None:
         raise ConfigError(f"unknown dataset {cell.dataset!r}; known: {', '.join(DATASETS)}")
     if cell.scenario not in list_scenarios():
         raise ConfigError(f"unknown scenario {cell.scenario!r}; known: {', '.join(list_scenarios())}")
+    check_scenario_options(cell.scenario, dict(cell.scenario_options))
     name = cell.model or DEFAULT_MODELS.get(cell.dataset, DEFAULT_MODEL)
     if cell.model_path is None and name not in SHIPPED:
         raise ConfigError(f"unknown model {name!r}; shipped models: {', '.join(SHIPPED)}")

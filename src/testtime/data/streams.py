@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,7 +145,8 @@ class OpenSetData(DomainData):
     """Known-class domain data with unknown-class images (label -1) mixed in.
 
     The unknown images undergo the same corruption as the known ones, so only their class is novel.
-    `ratio` is the fraction of unknown samples in each domain.
+    `ratio` is the fraction of unknown samples in each domain; `n_unknown` (default: as many as that
+    ratio needs next to all known samples) is the size of the unknown pool.
     """
 
     def __init__(
@@ -155,11 +156,12 @@ class OpenSetData(DomainData):
         ratio: float,
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
+        n_unknown: int | None = None,
     ) -> None:
         if not 0 < ratio < 1:
             raise ConfigError(f"unknown_ratio must be in (0, 1), got {ratio}")
-        n_known = base.num_samples()
-        n_unknown = round(n_known * ratio / (1 - ratio))
+        if n_unknown is None:
+            n_unknown = round(base.num_samples() * ratio / (1 - ratio))
         if n_unknown > len(unknown):
             raise ConfigError(f"unknown_ratio={ratio} needs {n_unknown} unknown images, have {len(unknown)}")
         self.base, self.ratio, self.seed, self.cache_dir = base, ratio, seed, cache_dir
@@ -294,11 +296,15 @@ class StreamSpec:
 
 ScenarioFn = Callable[[StreamSpec], Stream]
 SCENARIOS: dict[str, tuple[ScenarioFn, str]] = {}
+SCENARIO_OPTIONS: dict[str, tuple[str, ...]] = {}  # the options each scenario reads
 
 
-def register_scenario(name: str, description: str) -> Callable[[ScenarioFn], ScenarioFn]:
+def register_scenario(
+    name: str, description: str, options: tuple[str, ...] = ()
+) -> Callable[[ScenarioFn], ScenarioFn]:
     def deco(fn: ScenarioFn) -> ScenarioFn:
         SCENARIOS[name] = (fn, description)
+        SCENARIO_OPTIONS[name] = options
         return fn
 
     return deco
@@ -306,6 +312,14 @@ def register_scenario(name: str, description: str) -> Callable[[ScenarioFn], Sce
 
 def list_scenarios() -> dict[str, str]:
     return {k: v[1] for k, v in SCENARIOS.items()}
+
+
+def check_scenario_options(name: str, options: Iterable[str]) -> None:
+    """Reject options the scenario does not read (e.g. --delta with continual), instead of ignoring them."""
+    stray = sorted(set(options) - set(SCENARIO_OPTIONS.get(name, ())))
+    if stray:
+        takes = ", ".join(SCENARIO_OPTIONS.get(name, ())) or "none"
+        raise ConfigError(f"scenario {name} does not take option(s) {', '.join(stray)} (it takes: {takes})")
 
 
 def build_stream(name: str, spec: StreamSpec) -> Stream:
@@ -321,8 +335,9 @@ def build_stream(name: str, spec: StreamSpec) -> Stream:
     unknown = [c for c in spec.corruptions if c not in spec.data.domain_names()]
     if unknown:
         raise ConfigError(
-            f"unknown corruption(s) {', '.join(unknown)}; known: {', '.join(CIFAR10C_CORRUPTIONS)}"
+            f"unknown corruption(s) {', '.join(unknown)}; known: {', '.join(spec.data.domain_names())}"
         )
+    check_scenario_options(name, spec.options)
     if spec.n_per_domain is not None and not 1 <= spec.n_per_domain <= spec.n_samples:
         raise ConfigError(f"n_per_domain must be in 1..{spec.n_samples}, got {spec.n_per_domain}")
     return SCENARIOS[name][0](spec)
@@ -347,14 +362,32 @@ def _sequential(spec: StreamSpec, reset: bool, description: str) -> Stream:
     return Stream(domains, segments, reset, spec.data, spec.batch_size, description)
 
 
-def _option(spec: StreamSpec, name: str, default: float, lo: float, hi: float = float("inf")) -> float:
+def _option(
+    spec: StreamSpec,
+    name: str,
+    default: float,
+    lo: float,
+    hi: float = float("inf"),
+    open_lo: bool = False,
+    open_hi: bool = False,
+    integer: bool = False,
+) -> float:
+    """A numeric scenario option within [lo, hi] (`open_lo`/`open_hi` exclude the bound)."""
     v = spec.options.get(name, default)
     try:
         v = float(v)
     except (TypeError, ValueError):
         raise ConfigError(f"scenario option {name}={v!r} is not a number") from None
-    if not lo <= v <= hi:
-        raise ConfigError(f"scenario option {name}={v} must be in [{lo}, {hi}]")
+    if integer and v != int(v):
+        raise ConfigError(f"scenario option {name}={v:g} must be a whole number")
+    ok_lo = lo < v if open_lo else lo <= v
+    ok_hi = v < hi if open_hi else v <= hi
+    if not (ok_lo and ok_hi):
+        if hi == float("inf"):
+            need = f"{'>' if open_lo else '>='} {lo:g}"
+        else:
+            need = f"in {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+        raise ConfigError(f"scenario option {name} must be {need}, got {v:g}")
     return v
 
 
@@ -365,8 +398,10 @@ def dirichlet_order(
 
     The samples are split into C chunks (C = number of classes); each class spreads its samples over
     the chunks with Dirichlet(delta) proportions (chunks already holding N/C samples are skipped);
-    each chunk then lists its classes one after another in random order. Small `delta` means long
-    single-class runs; large `delta` approaches i.i.d.
+    each chunk then lists its classes one after another in random order. This is `sort_by_dirichlet`
+    of the RMT/ROID code (from NOTE). Small `delta` means long single-class runs. Large `delta` does
+    not approach i.i.d.: every chunk then holds all classes in about equal parts, still one class
+    after another (runs of about N / C^2 samples), as in the reference code.
     """
     classes = np.unique(labels)
     n, k = len(labels), len(classes)
@@ -405,7 +440,8 @@ def reset_each_shift(spec: StreamSpec) -> Stream:
 
 
 @register_scenario(
-    "batch_size_1", "continual with batches of one sample (methods needing a batch fail clearly)"
+    "batch_size_1",
+    "continual with batches of one sample, whatever --batch-size says (methods needing a batch fail clearly)",
 )
 def batch_size_1(spec: StreamSpec) -> Stream:
     s = _sequential(spec, reset=False, description="batch_size_1")
@@ -413,16 +449,34 @@ def batch_size_1(spec: StreamSpec) -> Stream:
     return s
 
 
+GRADUAL_FIRST = (5, 4, 3, 2, 1)
+GRADUAL_NEXT = (1, 2, 3, 4, 5, 4, 3, 2, 1)
+
+
 @register_scenario(
-    "gradual", "severity 5-4-3-2-1 for the first corruption, then 1-2-3-4-5-4-3-2-1 for each next (CoTTA/RMT)"
+    "gradual",
+    "severity 5-4-3-2-1 for the first corruption, then 1-2-3-4-5-4-3-2-1 for each next, never reset "
+    "(CoTTA's cifar10c_gradual.py; --severity is ignored)",
 )
 def gradual(spec: StreamSpec) -> Stream:
+    """CoTTA's gradual setting: the severity changes one level at a time, never reset.
+
+    This follows CoTTA's official `cifar10c_gradual.py`: the first corruption runs 5-4-3-2-1 (to
+    keep the large source->target gap at the start), every next one 1-2-3-4-5-4-3-2-1. Each step
+    uses `n_per_domain` images (all by default), shuffled anew at every step.
+
+    Deviations, documented: the test-time-adaptation repository of RMT/ROID uses 1-2-3-4-5-4-3-2-1
+    for the first corruption too (and also reports severity-5 error alone). Visits to the same
+    (corruption, severity) are pooled into one per-domain result, so the stream mean is over the
+    distinct (corruption, severity) domains, not over the 5 + 9 (n - 1) steps.
+    """
+    if not spec.data.uses_severity:
+        raise ConfigError("the gradual scenario needs corruption severities; this dataset has none")
     rng = np.random.default_rng(spec.seed)
     domains: list[Domain] = []
     segments: list[Segment] = []
     for i, c in enumerate(spec.corruptions):
-        sevs = [5, 4, 3, 2, 1] if i == 0 else [1, 2, 3, 4, 5, 4, 3, 2, 1]
-        for sev in sevs:
+        for sev in GRADUAL_FIRST if i == 0 else GRADUAL_NEXT:
             d = _domain(spec, c, sev)
             if d not in domains:
                 domains.append(d)
@@ -451,11 +505,17 @@ def mixed_domains(spec: StreamSpec) -> Stream:
     return Stream(domains, [mixed], False, spec.data, spec.batch_size, "mixed_domains")
 
 
+def _delta(spec: StreamSpec) -> float:
+    return _option(spec, "delta", 0.1, 0.0, open_lo=True)
+
+
 @register_scenario(
-    "correlated", "continual, labels temporally correlated by Dirichlet sorting (option delta, 0.1)"
+    "correlated",
+    "continual, labels temporally correlated by Dirichlet sorting (option delta > 0, default 0.1)",
+    options=("delta",),
 )
 def correlated(spec: StreamSpec) -> Stream:
-    delta = _option(spec, "delta", 0.1, 1e-6)
+    delta = _delta(spec)
     rng = np.random.default_rng(spec.seed)
     domains = [_domain(spec, c) for c in spec.corruptions]
     segments = []
@@ -467,10 +527,12 @@ def correlated(spec: StreamSpec) -> Stream:
 
 
 @register_scenario(
-    "mixed_correlated", "all corruptions mixed, labels Dirichlet-correlated (option delta, 0.1)"
+    "mixed_correlated",
+    "all corruptions mixed, labels Dirichlet-correlated (option delta > 0, default 0.1)",
+    options=("delta",),
 )
 def mixed_correlated(spec: StreamSpec) -> Stream:
-    delta = _option(spec, "delta", 0.1, 1e-6)
+    delta = _delta(spec)
     s = mixed_domains(spec)
     seg = s.segments[0]
     rng = np.random.default_rng(spec.seed + 1)
@@ -486,10 +548,21 @@ def mixed_correlated(spec: StreamSpec) -> Stream:
 
 @register_scenario(
     "imbalanced_label_shift",
-    "online imbalanced label shift (SAR): per corruption, one phase per class in random order, the phase's "
-    "class drawn with odds imbalance_ratio (default 500000) : 1, samples drawn with replacement",
+    "online imbalanced label shift (SAR), each corruption separately (reset at every shift): one phase "
+    "per class in random order, the phase's class drawn with odds imbalance_ratio (default 500000) : 1, "
+    "samples drawn with replacement",
+    options=("imbalance_ratio",),
 )
 def imbalanced_label_shift(spec: StreamSpec) -> Stream:
+    """SAR's online imbalanced label distribution shift (`generate_shifted_sample_indices.py`).
+
+    Per corruption, T = n_per_domain (all by default) samples in K phases of T // K, one per class
+    in a shuffled order; in a phase its class has probability ratio / (ratio + K - 1), every other
+    class 1 / (ratio + K - 1); each drawn label takes a random image of that class (with
+    replacement). As in SAR's main.py, each corruption is evaluated separately: the model is reset
+    at every shift. Deviation: SAR fixes T = 100,000 (2x ImageNet-C's 50,000) and reuses one index
+    file for every corruption; here T is n_per_domain and each corruption draws its own sequence.
+    """
     ratio = _option(spec, "imbalance_ratio", 500000.0, 1.0)
     rng = np.random.default_rng(spec.seed)
     domains = [_domain(spec, c) for c in spec.corruptions]
@@ -507,43 +580,59 @@ def imbalanced_label_shift(spec: StreamSpec) -> Stream:
             for c in rng.choice(classes, size=per_phase, p=q / q.sum()):
                 idx.append(pools[c][rng.integers(len(pools[c]))])
         segments.append(Segment(np.full(len(idx), i), np.asarray(idx)))
-    return Stream(
-        domains, segments, False, spec.data, spec.batch_size, f"imbalanced_label_shift (ratio={ratio:g})"
+    s = Stream(
+        domains, segments, True, spec.data, spec.batch_size, f"imbalanced_label_shift (ratio={ratio:g})"
     )
+    s.meta["phase_length"] = per_phase
+    return s
 
 
 @register_scenario(
     "open_set",
-    "continual with unknown-class images mixed in (option unknown=mnist|noise, unknown_ratio 0.5); "
-    "metrics: closed-set error, AUROC of unknown detection, H-score",
+    "continual with unknown-class images mixed in (option unknown=mnist|noise, unknown_ratio in (0, 1), "
+    "default 0.5); metrics: closed-set error, AUROC of unknown detection, H-score",
+    options=("unknown", "unknown_ratio"),
 )
 def open_set(spec: StreamSpec) -> Stream:
-    ratio = _option(spec, "unknown_ratio", 0.5, 0.01, 0.99)
+    """Continual stream in which a fraction `unknown_ratio` of every domain is unknown-class (label -1).
+
+    Each domain holds n_per_domain known samples (all by default) plus exactly
+    round(n_per_domain * ratio / (1 - ratio)) unknown ones, shuffled together; the unknown images
+    (MNIST digits as 32x32 RGB, or uniform noise) undergo the domain's corruption too.
+    """
+    ratio = _option(spec, "unknown_ratio", 0.5, 0.0, 1.0, open_lo=True, open_hi=True)
     kind = str(spec.options.get("unknown", "mnist"))
-    n_known = spec.data.num_samples()
+    n_all = spec.data.num_samples()
+    n_known = spec.n_per_domain or n_all
+    n_unknown = max(1, round(n_known * ratio / (1 - ratio)))  # per domain
+    pool = unknown_images(kind, max(n_unknown, round(n_all * ratio / (1 - ratio))), spec.seed)
+    if len(pool) < n_unknown:
+        raise ConfigError(
+            f"unknown_ratio={ratio:g} needs {n_unknown} unknown images per domain, {kind} has {len(pool)}"
+        )
     data = OpenSetData(
-        spec.data,
-        unknown_images(kind, round(n_known * ratio / (1 - ratio)) + 1, spec.seed),
-        ratio,
-        cache_dir=getattr(spec.data, "cache_dir", None),
+        spec.data, pool, ratio, cache_dir=getattr(spec.data, "cache_dir", None), n_unknown=len(pool)
     )
-    inner = StreamSpec(
-        data,
-        spec.corruptions,
-        spec.severity,
-        spec.batch_size,
-        spec.seed,
-        None if spec.n_per_domain is None else round(spec.n_per_domain / (1 - ratio)),
-        spec.options,
-    )
-    s = _sequential(inner, reset=False, description=f"open_set ({kind}, ratio {ratio})")
+    rng = np.random.default_rng(spec.seed)
+    domains = [_domain(spec, c) for c in spec.corruptions]
+    segments = []
+    for i in range(len(domains)):
+        known = rng.permutation(n_all)[:n_known]
+        unknown = n_all + rng.permutation(len(data.unknown))[:n_unknown]
+        idx = rng.permutation(np.concatenate([known, unknown]))
+        segments.append(Segment(np.full(len(idx), i), idx))
+    s = Stream(domains, segments, False, data, spec.batch_size, f"open_set ({kind}, ratio {ratio:g})")
     s.meta["unknown"] = kind
     return s
 
 
-@register_scenario("long_horizon", "the continual sequence repeated `rounds` times (default 10), never reset")
+@register_scenario(
+    "long_horizon",
+    "the continual sequence repeated `rounds` times (default 10), never reset",
+    options=("rounds",),
+)
 def long_horizon(spec: StreamSpec) -> Stream:
-    rounds = int(_option(spec, "rounds", 10, 1, 1000))
+    rounds = int(_option(spec, "rounds", 10, 1, 1000, integer=True))
     rng = np.random.default_rng(spec.seed)
     domains = [_domain(spec, c) for c in spec.corruptions]
     segments = []
@@ -561,6 +650,12 @@ def long_horizon(spec: StreamSpec) -> Stream:
     "continual through the corruptions, then the clean test set (EATA): clean error after adapting",
 )
 def forgetting(spec: StreamSpec) -> Stream:
+    """Continual through the corruptions, then the clean images (domain 'clean', reported apart).
+
+    The model keeps adapting on the clean images, as in EATA's main.py. Deviation: EATA interleaves
+    the clean set after every corruption (c1, clean, c2, clean, ...); here it comes once, at the end,
+    which is the last point of EATA's forgetting curve.
+    """
     s = _sequential(spec, reset=False, description="forgetting")
     rng = np.random.default_rng(spec.seed + 1)
     s.domains.append(Domain("clean", 0))

@@ -87,17 +87,18 @@ class MetricAccumulator:
         """Add a batch; returns its error (%) on known-class samples (labels >= 0).
 
         Samples labelled -1 are unknown-class (open set): they are excluded from the closed-set
-        metrics and used for unknown-detection metrics.
+        metrics and used for unknown-detection metrics. Every sample's confidence is kept for the
+        latter (an all-known batch before the first unknown one counts too); they are reported
+        only when some sample was unknown.
         """
         logits = logits.detach().float().cpu()
         labels = labels.detach().cpu().long()
         known = labels >= 0
-        if not bool(known.all()) or self.open_conf:
-            p_all = logits.softmax(1)
-            conf_all, pred_all = p_all.max(1)
-            self.open_conf.append(conf_all.numpy())
-            self.open_correct.append((pred_all == labels).numpy())
-            self.open_unknown.append((~known).numpy())
+        conf_all, pred_all = logits.softmax(1).max(1)
+        self.open_conf.append(conf_all.numpy())
+        self.open_correct.append((pred_all == labels).numpy())
+        self.open_unknown.append((~known).numpy())
+        if not bool(known.all()):
             logits, labels = logits[known], labels[known]
             if len(labels) == 0:
                 return float("nan")
@@ -147,7 +148,7 @@ class MetricAccumulator:
             "brier": self.brier_sum / self.n,
             "n": self.n,
         }
-        if self.open_conf:
+        if any(u.any() for u in self.open_unknown):
             out.update(
                 open_set_metrics(
                     np.concatenate(self.open_conf),
