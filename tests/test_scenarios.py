@@ -470,3 +470,24 @@ def test_cli_correlated_and_open_set(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("testtime: error: scenario continual does not take option(s) delta")
     assert len(err.splitlines()) == 1
+
+
+def test_cli_batch_size_1_records_the_batch_size_it_ran(tmp_path):
+    from testtime.cli import main
+
+    args = ["run", "-m", "source", "-s", "batch_size_1", "--n-per-domain", "6", "--corruptions", "fog"]
+    args += [
+        "--batch-size",
+        "64",
+        "--out",
+        str(tmp_path),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--run-id",
+        "b1",
+    ]
+    assert main(args) == 0
+    rows = _rows(tmp_path / "b1")
+    assert {r["batch_size"] for r in rows} == {"1"}
+    trace = list(csv.DictReader((tmp_path / "b1" / "trace.csv").open()))
+    assert len(trace) == 6 and {t["n"] for t in trace} == {"1"}

@@ -33,7 +33,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         scenario=args.scenario,
         scenario_options={k: str(v) for k, v in scen_opts.items() if v is not None},
         severity=args.severity,
-        batch_size=args.batch_size,
+        batch_size=1 if args.scenario == "batch_size_1" else args.batch_size,  # recorded as run
         data=args.data,
         cifar10c=args.cifar10c,
         corruptions=_split(args.corruptions) or None,
