@@ -20,6 +20,17 @@ def _split(values: list[str] | None) -> list[str]:
     return [v for item in values or [] for v in item.split(",") if v]
 
 
+def _seeds(values: list[str] | None) -> list[int]:
+    from testtime.errors import ConfigError
+
+    try:
+        return [int(v) for v in _split(values)]
+    except ValueError:
+        raise ConfigError(
+            f"--seed takes whole numbers, comma-separated; got {','.join(values or [])!r}"
+        ) from None
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from testtime.adapt.config import parse_overrides
     from testtime.bench.experiment import ExecOptions, RunConfig, print_error_table, run_experiment
@@ -40,7 +51,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         n_per_domain=args.n_per_domain
         if args.n_per_domain is not None or args.data != "embedded" or args.dataset != "cifar10"
         else EMBEDDED_N_PER_DOMAIN,
-        seeds=[int(s) for s in _split(args.seed)] or [0],
+        seeds=_seeds(args.seed) or [0],
         corruption_seed=args.corruption_seed,
         model=args.model,
         model_path=args.model_path,
@@ -141,9 +152,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
             t.add_row(s.name, " ".join(s.description.split()))
         Console().print(t)
         return 0
-    sargs = SuiteArgs(
-        seeds=[int(s) for s in _split(args.seed)], data=args.data, methods=_split(args.method) or None
-    )
+    sargs = SuiteArgs(seeds=_seeds(args.seed), data=args.data, methods=_split(args.method) or None)
     opts = ExecOptions(device=args.device, threads=args.threads, cache_dir=args.cache_dir)
     out_dir = run_suite(
         args.suite, sargs, args.out, opts, jobs=args.jobs, backend=args.backend, console=console

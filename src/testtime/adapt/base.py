@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 
 from testtime.adapt.config import MethodConfig
 from testtime.errors import DataError, ModelError
+from testtime.utils import atomic_torch_save
 
 SourceData = tuple[torch.Tensor, torch.Tensor]
 
@@ -35,6 +38,10 @@ def as_source_data(data: Any) -> SourceData | None:
         raise DataError(
             f"source_data needs one label per image, got {len(x)} images and {tuple(y.shape)} labels"
         )
+    if not bool(torch.isfinite(x).all()):
+        raise DataError("source_data images contain NaN or Inf values")
+    if bool((y < 0).any()):
+        raise DataError("source_data labels must be class indices >= 0")
     return x, y
 
 
@@ -59,6 +66,7 @@ class AdaptedModel(nn.Module):
     paper: ClassVar[str] = ""
     min_batch_size: ClassVar[int] = 1  # smallest batch the method can work with
     batch_limitation: ClassVar[str] = ""  # why, when min_batch_size > 1
+    MAX_ABS_INPUT: ClassVar[float] = 1e6  # larger input magnitudes are rejected as malformed
 
     def __init__(
         self, model: nn.Module, config: MethodConfig | None = None, source_data: SourceData | None = None
@@ -75,6 +83,11 @@ class AdaptedModel(nn.Module):
         # labelled source (training) samples for methods that use them (CAFA stats, RMT warm-up, ...)
         self.source_data = as_source_data(source_data)
         self.in_channels = first_conv_in_channels(model)
+        if self.source_data is not None and self.in_channels not in (None, self.source_data[0].shape[1]):
+            raise DataError(
+                f"source_data images have {self.source_data[0].shape[1]} channels, "
+                f"the model expects {self.in_channels}"
+            )
         self.optimizer: torch.optim.Optimizer | None = None
         # the method's random source; its state is part of state_dict() and of reset()
         self.rng = torch.Generator().manual_seed(config.seed)
@@ -107,10 +120,73 @@ class AdaptedModel(nn.Module):
 
     # ----------------------------------------------------------------- framework
     def get_extra_state(self) -> dict[str, Any]:
-        return {"rng": self.rng.get_state()}
+        """State not held in registered tensors: method name, RNG and optimiser state."""
+        return {
+            "method": self.name,
+            "rng": self.rng.get_state(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.rng.set_state(state["rng"])
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            # deep copy: optimisers update their state in place, the source must stay untouched
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a state saved by `state_dict()` of the same method (and configuration).
+
+        Raises ModelError, before anything is changed, when the state is not a state dict, comes
+        from another method, or (with `strict`) its keys do not match; a state that fails while
+        loading (shapes, optimiser groups) raises ModelError after the previous state is restored.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise ModelError(f"{self.name}: expected a state dict, got {type(state_dict).__name__}")
+        extra = state_dict.get("_extra_state")
+        saved = extra.get("method") if isinstance(extra, Mapping) else None
+        if saved is not None and saved != self.name:
+            raise ModelError(f"cannot load the state of method {saved!r} into {self.name!r}")
+        if strict:
+            own = set(self.state_dict())
+            missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+            if missing or unexpected:
+                raise ModelError(
+                    f"{self.name}: state dict does not fit this method/configuration "
+                    f"(missing: {', '.join(missing[:5]) or '-'}; unexpected: {', '.join(unexpected[:5]) or '-'})"
+                )
+        backup = self._capture()  # a load that fails halfway must not leave a mixed state
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            super().load_state_dict(backup["module"])
+            if self.optimizer is not None:
+                self.optimizer.state.clear()
+                self.optimizer.load_state_dict(backup["optimizer"])
+            first = str(e).strip().splitlines()[:2]
+            raise ModelError(f"{self.name}: cannot load state dict ({' '.join(first)})") from e
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write `state_dict()` (the whole adaptation state) to `path` atomically, to resume later."""
+        atomic_torch_save(self.state_dict(), path)
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Resume from a file written by `save_state` (read with `weights_only=True`).
+
+        Raises ModelError when the file is missing, unreadable (truncated, not a torch file, or
+        holding anything but plain data), or holds the state of another method or configuration.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"state file not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ModelError(
+                f"{path}: cannot read the adaptation state (truncated or not a state file; "
+                f"{type(e).__name__}: {first})"
+            ) from e
+        self.load_state_dict(state)
 
     def _count_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if args and isinstance(args[0], torch.Tensor):
@@ -156,6 +232,11 @@ class AdaptedModel(nn.Module):
             raise DataError(f"{self.name}: expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise DataError(f"{self.name}: empty batch")
+        if x.numel() == 0:
+            raise DataError(f"{self.name}: batch has a zero-size dimension, shape {tuple(x.shape)}")
+        ref = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        if ref is not None and x.device != ref.device:
+            raise DataError(f"{self.name}: batch is on device {x.device}, the model on {ref.device}")
         if self.in_channels is not None and x.shape[1] != self.in_channels:
             raise DataError(
                 f"{self.name}: model expects {self.in_channels} channels, batch has shape {tuple(x.shape)}"
@@ -165,8 +246,17 @@ class AdaptedModel(nn.Module):
                 f"{self.name} needs batches of at least {self.min_batch_size} samples "
                 f"({self.batch_limitation}); got {x.shape[0]}"
             )
-        if not bool(torch.isfinite(x).all()):
+        peak = float(x.detach().abs().amax())  # NaN propagates through amax
+        if not math.isfinite(peak):
             raise DataError(f"{self.name}: batch contains NaN or Inf values")
+        if peak > self.MAX_ABS_INPUT:
+            # such values overflow float32 batch statistics and would corrupt the adapted state
+            raise DataError(
+                f"{self.name}: batch has values up to {peak:.3g}, far outside the image range [0, 1] "
+                f"(limit +-{self.MAX_ABS_INPUT:g})"
+            )
+        if ref is not None and x.dtype != ref.dtype:
+            x = x.to(ref.dtype)  # e.g. float64 or float16 images to the model's precision
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

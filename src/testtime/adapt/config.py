@@ -49,6 +49,16 @@ class OptimConfig(MethodConfig):
             ("optimizer", self.optimizer in ("adam", "adamw", "sgd"), "must be adam, adamw or sgd"),
             ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a positive finite number"),
             ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+            ("dampening", 0 <= self.dampening <= 1, "must be in [0, 1]"),
+            ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
+            (
+                "nesterov",
+                not (
+                    self.nesterov and self.optimizer == "sgd" and (self.momentum <= 0 or self.dampening != 0)
+                ),
+                "sgd with nesterov needs momentum > 0 and dampening 0",
+            ),
             ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "must be >= 0"),
             ("steps", self.steps >= 1, "must be >= 1"),
         ]
@@ -121,6 +131,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
         if "=" not in item:
             raise ConfigError(f"option {item!r} must look like key=value")
         k, v = item.split("=", 1)
+        if not k.strip():
+            raise ConfigError(f"option {item!r} must look like key=value (the key is empty)")
         out[k.strip().replace("-", "_")] = v.strip()
     return out
 

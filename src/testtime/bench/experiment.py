@@ -24,6 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from testtime.adapt.config import with_overrides
 from testtime.adapt.registry import adapt, get_method, list_methods
 from testtime.bench.report import load_rows, render
 from testtime.bench.runner import Cell, cell_payload, completed_cells, run_stream, write_payload
@@ -85,8 +86,26 @@ class RunConfig:
     run_id: str | None = None
     exec: ExecOptions = field(default_factory=ExecOptions)
 
-    def cells(self) -> list[Cell]:
+    def validate(self) -> None:
+        """Raise ConfigError on a bad value before any data is loaded or generated."""
         validate_methods(self.methods, self.overrides)
+        for name, value, lo in (
+            ("batch size", self.batch_size, 1),
+            ("n_per_domain", self.n_per_domain, 1),
+            ("source_samples", self.source_samples, 0),
+            ("corruption_seed", self.corruption_seed, 0),
+            ("threads", self.exec.threads, 0),
+            *(("seed", s, 0) for s in self.seeds),
+        ):
+            if value is not None and not (isinstance(value, int) and value >= lo):
+                raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
+        if not (isinstance(self.severity, int) and 1 <= self.severity <= 5):
+            raise ConfigError(f"severity must be an integer in 1..5, got {self.severity!r}")
+        for m in expand_methods(self.methods):  # option values, e.g. -o lr=-1
+            with_overrides(get_method(m).Config(), method_overrides(m, self.overrides))
+
+    def cells(self) -> list[Cell]:
+        self.validate()
         return [
             Cell(
                 method=m,

@@ -94,7 +94,17 @@ def _load_npz(path: Path, split: str) -> ImageSet:
                 raise DataError(
                     f"{path}: malformed CIFAR-10 npz, needs keys {kx!r} and {ky!r}, has {sorted(z.files)}"
                 )
-            x, y = z[kx], z[ky].astype(np.int64)
+            x, y = z[kx], z[ky]
+            if (
+                y.ndim == 1
+                and len(y)
+                and not (np.issubdtype(y.dtype, np.integer) and y.min() >= 0 and y.max() < 10)
+            ):
+                raise DataError(
+                    f"{path}: {ky} must hold integer CIFAR-10 class labels 0..9, got {y.dtype} "
+                    f"values in [{y.min()}, {y.max()}]"
+                )
+            y = y.astype(np.int64)
     except DataError:
         raise
     except Exception as e:  # zipfile.BadZipFile, ValueError, OSError ...

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -326,10 +328,10 @@ def build_stream(name: str, spec: StreamSpec) -> Stream:
     """Build the stream of scenario `name`."""
     if name not in SCENARIOS:
         raise ConfigError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
-    if not 1 <= spec.severity <= 5:
-        raise ConfigError(f"severity must be in 1..5, got {spec.severity}")
-    if spec.batch_size < 1:
-        raise ConfigError(f"batch size must be >= 1, got {spec.batch_size}")
+    if not (isinstance(spec.severity, numbers.Integral) and 1 <= spec.severity <= 5):
+        raise ConfigError(f"severity must be an integer in 1..5, got {spec.severity}")
+    if not (isinstance(spec.batch_size, numbers.Integral) and spec.batch_size >= 1):
+        raise ConfigError(f"batch size must be an integer >= 1, got {spec.batch_size}")
     if not spec.corruptions:
         raise ConfigError("no corruptions selected")
     unknown = [c for c in spec.corruptions if c not in spec.data.domain_names()]
@@ -378,7 +380,7 @@ def _option(
         v = float(v)
     except (TypeError, ValueError):
         raise ConfigError(f"scenario option {name}={v!r} is not a number") from None
-    if integer and v != int(v):
+    if integer and not (math.isfinite(v) and v == int(v)):
         raise ConfigError(f"scenario option {name}={v:g} must be a whole number")
     ok_lo = lo < v if open_lo else lo <= v
     ok_hi = v < hi if open_hi else v <= hi

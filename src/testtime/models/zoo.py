@@ -85,7 +85,8 @@ def load_state(path: str | os.PathLike, sha256: str | None = None) -> dict[str, 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"{path}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        first = (str(e).strip().splitlines() or ["empty or truncated file"])[0]
+        raise ModelError(f"{path}: cannot load weights ({type(e).__name__}: {first})") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a training checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
