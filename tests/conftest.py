@@ -93,6 +93,16 @@ def noisy_stream(embedded):
     return to_batch(x), torch.from_numpy(embedded.y[idx])
 
 
+def _bookkeeping() -> set[str]:
+    from testtime.adapt.base import AdaptedModel
+
+    # usage counters and the collapse guard's observation window: not adaptation state
+    return set(AdaptedModel.COUNTERS) | {"guard.preds", "guard.pos", "guard.entropy_ema"}
+
+
+BOOKKEEPING = _bookkeeping()
+
+
 def changed_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
     """State-dict keys whose tensors differ (use on `adapted.state_dict()` snapshots)."""
     return {k for k, v in before.items() if isinstance(v, torch.Tensor) and not torch.equal(v, after[k])}

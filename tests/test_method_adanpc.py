@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import changed_keys, snapshot
+from conftest import BOOKKEEPING, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components.feature_memory import FeatureMemory, knn_vote
 from testtime.errors import ConfigError
 
-COUNTERS = {"n_batches", "n_images", "n_forward"}
+COUNTERS = BOOKKEEPING
 
 
 def _err(a, x, y, bs=100):

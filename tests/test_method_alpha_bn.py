@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import bn_affine_keys, changed_keys, snapshot
+from conftest import BOOKKEEPING, bn_affine_keys, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components.norm import MixedStatsNorm
 from testtime.adapt.methods.alpha_bn import class_correlation_loss
 from testtime.errors import ConfigError
 
-COUNTERS = {"n_batches", "n_images", "n_forward", "n_backward", "n_skipped"}
+COUNTERS = BOOKKEEPING
 
 
 def _err(a, x, y, bs=100):

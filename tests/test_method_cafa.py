@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import bn_affine_keys, changed_keys, snapshot
+from conftest import BOOKKEEPING, bn_affine_keys, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components.source_stats import (
     ClassFeatureStats,
@@ -17,7 +17,7 @@ from testtime.adapt.components.source_stats import (
 from testtime.adapt.methods.cafa import class_aware_alignment_loss
 from testtime.errors import ConfigError, DataError
 
-COUNTERS = {"n_batches", "n_images", "n_forward", "n_backward", "n_skipped"}
+COUNTERS = BOOKKEEPING
 
 
 def _err(a, x, y, bs=100):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import changed_keys, snapshot
+from conftest import BOOKKEEPING, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components.teacher import ema_update, frozen_copy, param_state, stochastic_restore
 from testtime.errors import ConfigError
 
-COUNTERS = {"n_batches", "n_images", "n_forward", "n_backward", "n_skipped"}
+COUNTERS = BOOKKEEPING
 N, BS = 128, 32
 B1 = 16  # single-batch checks
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import bn_affine_keys, changed_keys, snapshot
+from conftest import BOOKKEEPING, bn_affine_keys, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components.selection import confidence_kept
 
-COUNTERS = {"n_batches", "n_images", "n_forward", "n_backward", "n_skipped"}
+COUNTERS = BOOKKEEPING
 N, BS = 256, 64
 
 

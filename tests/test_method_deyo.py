@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import bn_affine_keys, changed_keys, snapshot
+from conftest import BOOKKEEPING, bn_affine_keys, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components.selection import patch_shuffle, plpd
 from testtime.errors import ConfigError
 
-COUNTERS = {"n_batches", "n_images", "n_forward", "n_backward", "n_skipped", "n_reliable", "n_selected"}
+COUNTERS = BOOKKEEPING | {"n_reliable", "n_selected"}
 N, BS = 256, 64
 
 

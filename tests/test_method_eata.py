@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from conftest import bn_affine_keys, changed_keys, snapshot
+from conftest import BOOKKEEPING, bn_affine_keys, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components.fisher import fisher_diagonal
 from testtime.adapt.components.selection import RedundancyFilter, entropy_margin, entropy_weights
 from testtime.errors import ConfigError, ModelError
 
-COUNTERS = {"n_batches", "n_images", "n_forward", "n_backward", "n_skipped", "n_reliable", "n_selected"}
+COUNTERS = BOOKKEEPING | {"n_reliable", "n_selected"}
 N, BS = 256, 64
 
 

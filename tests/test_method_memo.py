@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import changed_keys, snapshot
+from conftest import BOOKKEEPING, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components import augmix
 from testtime.errors import ConfigError
 
-COUNTERS = {"n_batches", "n_images", "n_forward", "n_backward", "n_skipped"}
+COUNTERS = BOOKKEEPING
 N = 48  # MEMO is per sample and expensive; a small slice of the stream
 
 

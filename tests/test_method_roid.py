@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import bn_affine_keys, changed_keys, snapshot
+from conftest import BOOKKEEPING, bn_affine_keys, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components.consistency import SourceWeights, certainty_diversity_weights, prior_correction
 from testtime.adapt.components.losses import soft_likelihood_ratio
 from testtime.errors import ConfigError
 
-COUNTERS = {"n_batches", "n_images", "n_forward", "n_backward", "n_skipped"}
+COUNTERS = BOOKKEEPING
 BS = 32
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import changed_keys, snapshot
+from conftest import BOOKKEEPING, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components.memory import CategoryBalancedMemory, timeliness_weights
 from testtime.adapt.methods.rotta import RobustNorm, frozen_stats
 from testtime.errors import ConfigError
 
-COUNTERS = {"n_batches", "n_images", "n_forward", "n_backward", "n_skipped"}
+COUNTERS = BOOKKEEPING
 BS = 64
 
 

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from conftest import bn_affine_keys, changed_keys, snapshot
+from conftest import BOOKKEEPING, bn_affine_keys, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components.sam import SharpnessAware
 from testtime.adapt.components.selection import is_top_layer, prepare_norm_adaptation
 from testtime.errors import ConfigError, ModelError
 
-COUNTERS = {"n_batches", "n_images", "n_forward", "n_backward", "n_skipped"}
+COUNTERS = BOOKKEEPING
 N, BS = 192, 64
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import changed_keys, snapshot
+from conftest import BOOKKEEPING, changed_keys, snapshot
 from testtime.adapt import adapt
 from testtime.adapt.components.losses import information_maximization, marginal_entropy
 from testtime.adapt.methods.shot import cluster_pseudo_labels
 from testtime.errors import ConfigError, ModelError
 
-COUNTERS = {"n_batches", "n_images", "n_forward", "n_backward", "n_skipped"}
+COUNTERS = BOOKKEEPING
 
 
 def _err(a, x, y, bs=50):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -14,11 +15,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from testtime.adapt.components.guard import CollapseGuard
 from testtime.adapt.config import MethodConfig
 from testtime.errors import DataError, ModelError
 from testtime.utils import atomic_torch_save
 
 SourceData = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger("testtime")
 
 
 def as_source_data(data: Any) -> SourceData | None:
@@ -96,7 +99,21 @@ class AdaptedModel(nn.Module):
         self.register_buffer("n_forward", torch.zeros((), dtype=torch.long))  # image-forward passes
         self.register_buffer("n_backward", torch.zeros((), dtype=torch.long))  # image-backward passes
         self.register_buffer("n_skipped", torch.zeros((), dtype=torch.long))  # non-finite updates skipped
+        self.register_buffer("n_restores", torch.zeros((), dtype=torch.long))  # collapse-guard restores
         self.model.eval()
+        # the collapse guard's reference: the frozen source model (not a submodule: not in state_dict)
+        self._reference: nn.Module | None = None
+        self.guard: CollapseGuard | None = None
+        self.guard_events: list[dict[str, Any]] = []  # restores of this object's lifetime (not persisted)
+        self._good: list[dict[str, Any]] = []  # healthy snapshots for guard_restore="last_good"
+        if config.guard:
+            object.__setattr__(self, "_reference", copy.deepcopy(model).eval())
+            self.guard = CollapseGuard(
+                config.guard_window,
+                config.guard_max_class_fraction,
+                config.guard_min_entropy,
+                config.guard_entropy_momentum,
+            )
         self.setup()
         self._count_hooks = [
             net.register_forward_pre_hook(self._count_forward) for net in self.counted_networks()
@@ -198,21 +215,68 @@ class AdaptedModel(nn.Module):
             "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
         }
 
-    COUNTERS: ClassVar[tuple[str, ...]] = ("n_batches", "n_images", "n_forward", "n_backward", "n_skipped")
+    COUNTERS: ClassVar[tuple[str, ...]] = (
+        "n_batches", "n_images", "n_forward", "n_backward", "n_skipped", "n_restores",
+    )  # fmt: skip
 
     def reset(self) -> None:
         """Restore the source state (weights, statistics, optimiser, teacher, memory) exactly.
 
-        Usage counters (batches, images, passes) keep counting across resets.
+        Usage counters (batches, images, passes, restores) keep counting across resets.
         """
+        self._load_snapshot(self._snapshot)
+        self.reset_extra()
+
+    def _load_snapshot(self, snapshot: dict[str, Any]) -> None:
         kept = {k: getattr(self, k).clone() for k in self.COUNTERS}
-        self.load_state_dict(self._snapshot["module"])
+        self.load_state_dict(snapshot["module"])
         for k, v in kept.items():
             getattr(self, k).copy_(v)
         if self.optimizer is not None:
             self.optimizer.state.clear()
-            self.optimizer.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
-        self.reset_extra()
+            self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+
+    def _guard_step(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Watch this batch's predictions; on a confirmed collapse restore and answer with the source."""
+        assert self.guard is not None and self._reference is not None
+        cfg, batch = self.config, int(self.n_batches) + 1
+        if cfg.guard_reset_every and batch % cfg.guard_reset_every == 0:
+            self._restore("source", f"periodic reset every {cfg.guard_reset_every} batches", batch)
+            return logits
+        reason = self.guard.observe(logits)
+        if reason is None:
+            if cfg.guard_restore == "last_good" and batch % cfg.guard_snapshot_every == 0:
+                self._good = [*self._good[-1:], self._capture()]
+            return logits
+        with torch.no_grad():
+            reference = self._reference(x)
+        self.n_forward += x.shape[0]
+        if not self.guard.confirms(logits, reference):
+            return logits
+        self._restore(cfg.guard_restore, reason, batch)
+        return reference
+
+    def _restore(self, target: str, reason: str, batch: int) -> None:
+        assert self.guard is not None
+        if target == "last_good" and self._good:
+            self._load_snapshot(self._good[0])  # the older one: the newer may already be drifting
+            self._good = self._good[:1]
+        else:
+            target = "source"
+            self.reset()
+            self._good = []
+        self.guard.clear()
+        self.n_restores += 1
+        self.guard_events.append({"batch": batch, "reason": reason, "restored": target})
+        log.warning(
+            "%s: collapse guard at batch %d: %s; restored the %s state", self.name, batch, reason, target
+        )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AdaptedModel:
+        super()._apply(fn, recurse)
+        if self._reference is not None:
+            self._reference._apply(fn, recurse)
+        return self
 
     def train(self, mode: bool = True) -> AdaptedModel:
         """Adaptation behaviour does not depend on train/eval mode; the wrapped model stays in eval."""
@@ -263,6 +327,8 @@ class AdaptedModel(nn.Module):
         x = self.check_input(x)
         x = x.contiguous(memory_format=torch.channels_last)
         logits = self.step(x)
+        if self.guard is not None:
+            logits = self._guard_step(x, logits)
         self.n_batches += 1
         self.n_images += x.shape[0]
         return logits.detach()
@@ -311,6 +377,7 @@ class AdaptedModel(nn.Module):
             "forward_images": int(self.n_forward),
             "backward_images": int(self.n_backward),
             "skipped_updates": int(self.n_skipped),
+            "restores": int(self.n_restores),
         }
 
     def describe(self) -> dict[str, Any]:

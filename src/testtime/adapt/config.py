@@ -18,6 +18,15 @@ class MethodConfig:
     """Fields every method accepts."""
 
     seed: int = 0  # for methods with randomness (augmentation, restoration, shuffling)
+    # collapse guard (testtime.adapt.components.guard); off for methods without adapted state
+    guard: bool = True
+    guard_window: int = 1000  # predictions in the class-histogram window
+    guard_max_class_fraction: float = 0.9  # alarm: one class above this share of the window
+    guard_min_entropy: float = 0.02  # alarm: average of mean entropy / ln C below this
+    guard_entropy_momentum: float = 0.9  # momentum of that average (per batch)
+    guard_restore: str = "source"  # source | last_good
+    guard_snapshot_every: int = 100  # batches between healthy snapshots (last_good)
+    guard_reset_every: int = 0  # restore the source every this many batches (RDumb); 0: never
 
     def validate(self) -> None:
         """Raise ConfigError on an invalid value; subclasses extend `checks()`."""
@@ -26,7 +35,15 @@ class MethodConfig:
                 raise ConfigError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
 
     def checks(self) -> list[tuple[str, bool, str]]:
-        return []
+        return [
+            ("guard_window", self.guard_window >= 1, "must be >= 1"),
+            ("guard_max_class_fraction", 0 < self.guard_max_class_fraction <= 1, "must be in (0, 1]"),
+            ("guard_min_entropy", 0 <= self.guard_min_entropy < 1, "must be in [0, 1)"),
+            ("guard_entropy_momentum", 0 <= self.guard_entropy_momentum < 1, "must be in [0, 1)"),
+            ("guard_restore", self.guard_restore in ("source", "last_good"), "must be source or last_good"),
+            ("guard_snapshot_every", self.guard_snapshot_every >= 1, "must be >= 1"),
+            ("guard_reset_every", self.guard_reset_every >= 0, "must be >= 0 (0: never)"),
+        ]
 
 
 @dataclass

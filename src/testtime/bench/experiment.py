@@ -386,8 +386,15 @@ def run_experiment(cfg: RunConfig, console: Console | None = None) -> Path:
 
 
 def print_error_table(out_dir: Path, console: Console) -> None:
-    """Per-corruption error table of a results directory, in the terminal."""
-    rows = [r for r in load_rows(out_dir) if r["metric"] == "error" and r["corruption"] != "all"]
+    """Per-corruption error table of a results directory (and per-round errors), in the terminal."""
+    rows = load_rows(out_dir)
+    for metric in ("error", "round_error"):
+        _print_metric_table(
+            [r for r in rows if r["metric"] == metric and r["corruption"] != "all"], out_dir, console
+        )
+
+
+def _print_metric_table(rows: list[dict[str, Any]], out_dir: Path, console: Console) -> None:
     groups = list(dict.fromkeys((r.get("dataset", ""), r["scenario"]) for r in rows))
     for group in groups:
         sub = [r for r in rows if (r.get("dataset", ""), r["scenario"]) == group]
@@ -396,7 +403,8 @@ def print_error_table(out_dir: Path, console: Console) -> None:
         vals: dict[tuple[str, str], list[float]] = {}
         for r in sub:
             vals.setdefault((r["method"], r["corruption"]), []).append(float(r["value"]))
-        t = Table(title=f"error % — {group[0]} {group[1]} ({out_dir})")
+        kind = "error %" if sub[0]["metric"] == "error" else "error % per round"
+        t = Table(title=f"{kind} — {group[0]} {group[1]} ({out_dir})")
         t.add_column("domain")
         for m in methods:
             t.add_column(m, justify="right")

@@ -144,6 +144,7 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
         ("backward_per_image", "all", "bwd/img", 2),
         ("resets", "all", "resets", 0),
         ("n_skipped_updates", "all", "skipped", 0),
+        ("n_restores", "all", "restores", 0),
     ]
     by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     order: list[tuple[str, str]] = []
@@ -199,6 +200,8 @@ def render(out_dir: str | Path, plots: bool = True) -> Path:
         *summary_table(rows),
         "",
     ]
+    if any(r["metric"] == "round_error" for r in rows):
+        lines += ["## Error (%) per round of the repeated sequence", "", *error_table(rows, "round_error")]
     if plots:
         try:
             from testtime.bench.plots import make_plots

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import resource
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,7 +75,15 @@ def run_stream(
             accs[int(k)].update(logits[m], y[m])
         err = 100.0 * float(wrong.float().mean()) if len(wrong) else float("nan")
         first = int(batch.domain_ids[0])
-        trace.append({"batch": b, "domain": str(stream.domains[first]), "n": len(y), "error": err})
+        trace.append(
+            {
+                "batch": b,
+                "segment": batch.segment,
+                "domain": str(stream.domains[first]),
+                "n": len(y),
+                "error": err,
+            }
+        )
         if on_batch:
             on_batch(b, err)
     per_domain = {str(stream.domains[i]): a.summary() for i, a in accs.items() if a.n}
@@ -95,7 +105,22 @@ def run_stream(
     conf = np.concatenate([np.concatenate(a.conf) for a in accs.values() if a.n])
     correct = np.concatenate([np.concatenate(a.correct) for a in accs.values() if a.n])
     rel = {k: np.nan_to_num(v).tolist() for k, v in reliability_bins(conf, correct).items()}
-    return StreamResult(per_domain, mean, trace, cost, counters, resets, extra={"reliability": rel})
+    extra: dict[str, Any] = {"reliability": rel, "guard_events": list(adapted.guard_events)}
+    if stream.meta.get("rounds"):
+        extra["round_error"] = round_errors(trace, len(stream.segments) // int(stream.meta["rounds"]))
+    return StreamResult(per_domain, mean, trace, cost, counters, resets, extra=extra)
+
+
+def round_errors(trace: list[dict[str, Any]], segments_per_round: int) -> list[float]:
+    """Error (%) of each repetition of a repeated sequence (long_horizon), weighted by batch size."""
+    wrong: dict[int, float] = defaultdict(float)
+    seen: dict[int, int] = defaultdict(int)
+    for t in trace:
+        if not math.isnan(t["error"]):
+            r = t["segment"] // segments_per_round
+            wrong[r] += t["error"] * t["n"]
+            seen[r] += t["n"]
+    return [wrong[r] / seen[r] for r in sorted(seen)]
 
 
 # ----------------------------------------------------------------------------- cells & files
@@ -159,6 +184,13 @@ def tidy_rows(cell: Cell, res: StreamResult) -> list[dict[str, Any]]:
             )
     for k, v in res.mean.items():
         rows.append({**base, "corruption": "mean", "severity": cell.severity, "metric": k, "value": v})
+    rounds = res.extra.get("round_error", [])
+    if rounds:  # long_horizon: error of each repetition, and their mean
+        named = [*((f"round_{r + 1}", v) for r, v in enumerate(rounds)), ("mean", float(np.mean(rounds)))]
+        for name, v in named:
+            rows.append(
+                {**base, "corruption": name, "severity": cell.severity, "metric": "round_error", "value": v}
+            )
     extra = {**res.cost, **{f"n_{k}": v for k, v in res.counters.items()}, "resets": res.resets}
     extra.update({k: v for k, v in res.extra.items() if isinstance(v, (int, float))})
     for k, v in extra.items():

@@ -26,6 +26,7 @@ from testtime.adapt.registry import register_method
 @dataclass
 class BNConfig(MethodConfig):
     prior_n: int = 0
+    guard: bool = False  # statistics of each batch alone: no state accumulates
 
     def checks(self) -> list[tuple[str, bool, str]]:
         return [*super().checks(), ("prior_n", self.prior_n >= 0, "must be >= 0")]

@@ -43,6 +43,7 @@ class LAMEConfig(MethodConfig):
     weight: float = 1.0
     max_steps: int = 100
     tol: float = 1e-8
+    guard: bool = False  # output correction per batch: no state accumulates
 
     def checks(self) -> list[tuple[str, bool, str]]:
         return [

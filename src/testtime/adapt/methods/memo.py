@@ -59,6 +59,7 @@ class MEMOConfig(OptimConfig):
     severity: float = 1.0
     width: int = 3
     max_depth: int = 3
+    guard: bool = False  # episodic: every image starts from the source model
 
     def checks(self) -> list[tuple[str, bool, str]]:
         return [

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.norm import SourceNorm, batchnorm_layers, convert_norm
+from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
+
+
+@dataclass
+class SourceConfig(MethodConfig):
+    guard: bool = False  # nothing adapts, nothing can collapse
 
 
 @register_method
@@ -14,6 +22,7 @@ class Source(AdaptedModel):
     """No adaptation: the baseline every method is compared with."""
 
     name = "source"
+    Config = SourceConfig
     paper = "-"
 
     def setup(self) -> None:
