@@ -94,6 +94,16 @@ def test_batch_below_min_batch_size(source_model, embedded, method, n):
     assert state_hash(a) == h
 
 
+@pytest.mark.parametrize("method", ["tent", "eta", "sar", "bn"])
+def test_batch_of_one_through_batchnorm1d(method):
+    """A batch of one has a single value per channel at a BatchNorm1d layer: no batch statistics."""
+    a = adapt(load_model("mnist_digitnet"), method)
+    h = state_hash(a)
+    with pytest.raises(DataError, match="more than one value per channel"):
+        a(torch.rand(1, 3, 32, 32))
+    assert state_hash(a) == h
+
+
 def test_other_float_precisions_are_converted_not_rejected(source_model):
     """float64/float16 batches are valid input: converted to the model's precision (not bad inputs)."""
     x = torch.rand(4, 3, 32, 32)

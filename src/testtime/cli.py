@@ -1,4 +1,4 @@
-"""Command-line interface: `testtime run | methods | scenarios | models | train-source | report`."""
+"""Command-line interface: `testtime run`, listings, `train-source`, `bench`, `report`, `serve`, `serve-check`."""
 
 from __future__ import annotations
 
@@ -174,6 +174,121 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    import contextlib
+    import logging
+
+    import torch
+
+    from testtime.adapt import adapt, get_method
+    from testtime.adapt.config import parse_overrides
+    from testtime.bench.experiment import resolve_device
+    from testtime.errors import ConfigError
+    from testtime.serve import (  # ConfigError naming testtime[serve] when FastAPI is missing
+        bind_socket,
+        create_app,
+        load_served_model,
+        run_server,
+    )
+
+    overrides = parse_overrides(args.option)
+    if getattr(get_method(args.method), "requires_source_data", False):
+        raise ConfigError(
+            f"{args.method} needs source (training) images, which `testtime serve` does not load"
+        )
+    device = resolve_device(args.device)
+    model, name, shape, classes = load_served_model(args.model, args.model_path, args.arch)
+    adapted = adapt(model.to(device, memory_format=torch.channels_last), args.method, **overrides)
+    app = create_app(
+        adapted,
+        model_name=name,
+        input_shape=shape,
+        class_names=classes,
+        state_path=args.state,
+        snapshot_interval_s=args.snapshot_interval,
+        max_batch=args.max_batch,
+    )
+    sock = bind_socket(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    where = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    state = f"; state {args.state}, snapshot every {args.snapshot_interval:g} s" if args.state else ""
+    console.print(
+        f"serving {args.method} on {name} at {where}{state} (Ctrl-C stops)", soft_wrap=True, markup=False
+    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal after its shutdown
+        run_server(app, sock, log_level=args.log_level)
+    svc = app.state.service
+    if args.state and not svc.snapshot_errors:
+        console.print(f"stopped; adaptation state saved to {args.state}", soft_wrap=True, markup=False)
+    elif args.state:
+        console.print(
+            f"stopped; WARNING: {svc.snapshot_errors} snapshot(s) to {args.state} failed (see the log)"
+        )
+        return 1
+    return 0
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def cmd_serve_check(args: argparse.Namespace, console: Console) -> int:
+    from testtime.adapt.config import parse_overrides
+    from testtime.serve_check import CheckConfig, run_check  # ConfigError without testtime[serve]
+
+    cfg = CheckConfig(
+        method=args.method,
+        model=args.model,
+        overrides=parse_overrides(args.option),
+        clients=args.clients,
+        requests=args.requests,
+        batch_size=args.batch_size,
+        corruption=args.corruption,
+        severity=args.severity,
+        seed=args.seed,
+        time_limit_s=args.time_limit,
+        out=args.out,
+    )
+    res = run_check(cfg, log=console.log)
+    t = Table(title=f"serve-check: {cfg.method} on {res['model']}, {cfg.clients} clients")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    lat, srv = res["client_latency_ms"], res["server_latency_ms"]
+    for k, v in [
+        ("requests ok / sent", f"{res['requests_ok']} / {cfg.requests}"),
+        ("images", str(res["images"])),
+        ("wall time (s)", f"{res['wall_s']:.2f}"),
+        ("throughput (images/s)", f"{res['throughput_images_per_s']:.1f}"),
+        ("throughput (requests/s)", f"{res['throughput_requests_per_s']:.2f}"),
+        ("client latency p50 / p90 / p99 (ms)", " / ".join(_ms(lat[k]) for k in ("p50", "p90", "p99"))),
+        ("server latency p50 / p90 / p99 (ms)", " / ".join(_ms(srv[k]) for k in ("p50", "p90", "p99"))),
+        ("model time per batch p50 / p99 (ms)", " / ".join(_ms(res["model_ms"][k]) for k in ("p50", "p99"))),
+        *((f"check: {k}", "PASS" if v else "FAIL") for k, v in res["checks"].items()),
+    ]:
+        t.add_row(k, v)
+    Console().print(t)
+    console.print(f"{'all checks passed' if res['passed'] else 'CHECKS FAILED'}; wrote {res['path']}")
+    return 0 if res["passed"] else 1
+
+
+def _add_served_model(p: argparse.ArgumentParser, paths: bool = True) -> None:
+    p.add_argument("--method", "-m", default="tent", help="method name (see `testtime methods`)")
+    p.add_argument(
+        "--model", help="shipped model (see `testtime models`; default: cifar10_resnet26, CIFAR-10)"
+    )
+    if paths:
+        p.add_argument("--model-path", help="weights file to load instead of a shipped model (needs --arch)")
+        p.add_argument("--arch", help="architecture for --model-path")
+    p.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a method option, e.g. -o lr=0.0005 (see `testtime methods -v`)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="testtime",
@@ -299,6 +414,56 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / jobs)")
     bn.add_argument("--cache-dir", help="where generated corruptions are cached")
     bn.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser(
+        "serve",
+        help="HTTP inference service that adapts on every request (needs testtime[serve])",
+        description="Serve an adapted model over HTTP (FastAPI + uvicorn). Every POST /predict is one "
+        "batch: the model predicts and adapts, one request at a time. Endpoints: POST /predict "
+        "(multipart PNG/JPEG files, or a .npy array as application/x-npy), POST /reset, GET /health, "
+        "GET /metrics. No authentication: keep --host on loopback unless a proxy guards it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_served_model(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    sv.add_argument(
+        "--state",
+        help="adaptation state file: loaded at start if present (a file that does not fit stops the "
+        "start), saved periodically and at shutdown",
+    )
+    sv.add_argument(
+        "--snapshot-interval",
+        type=float,
+        default=60.0,
+        help="seconds between state snapshots (0: only at shutdown)",
+    )
+    sv.add_argument("--max-batch", type=int, default=1024, help="most images accepted in one request")
+    sv.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=cmd_serve)
+
+    sc = sub.add_parser(
+        "serve-check",
+        help="load-test `testtime serve` on loopback and verify that updates are serialised",
+        description="Start the service in-process on 127.0.0.1 (ephemeral port), send REQUESTS POSTs "
+        "from CLIENTS concurrent threads (each a random batch of corrupted embedded CIFAR-10 test "
+        "images), then check: one response per request (echoed X-Request-Id), seq numbers exactly "
+        "1..REQUESTS, the adapted-batch counter, and that replaying the batches in seq order on a "
+        "fresh model gives a bit-identical state. Prints a table, writes OUT/serve_check.json; "
+        "exit code 1 if a check fails.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_served_model(sc, paths=False)
+    sc.add_argument("--clients", type=int, default=8, help="concurrent client threads")
+    sc.add_argument("--requests", type=int, default=400, help="total POST /predict requests")
+    sc.add_argument("--batch-size", "-b", type=int, default=16, help="images per request")
+    sc.add_argument("--corruption", default="gaussian_noise", help="CIFAR-10-C corruption of the images")
+    sc.add_argument("--severity", type=int, default=5, help="corruption severity 1..5")
+    sc.add_argument("--seed", type=int, default=0, help="seed of the corruption and the batch sampling")
+    sc.add_argument("--time-limit", type=float, default=600.0, help="seconds before the clients stop")
+    sc.add_argument("--out", default="results/serve-check", help="directory of serve_check.json")
+    sc.set_defaults(func=cmd_serve_check)
 
     rp = sub.add_parser("report", help="re-render tables and plots of a results directory")
     rp.add_argument("results_dir")

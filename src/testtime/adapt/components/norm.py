@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from testtime.errors import ModelError
+from testtime.errors import DataError, ModelError
 
 
 class AdaptiveNorm(nn.Module):
@@ -64,6 +64,11 @@ class BatchStatsNorm(AdaptiveNorm):
     needs_batch = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= x.shape[1]:  # e.g. a batch of one through a BatchNorm1d layer
+            raise DataError(
+                f"test-batch statistics need more than one value per channel; got input {tuple(x.shape)} "
+                "at a BatchNorm layer (use a batch of 2 or more samples)"
+            )
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
 
