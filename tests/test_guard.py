@@ -11,7 +11,7 @@ import torch
 from conftest import state_hash
 from testtime.adapt import adapt
 from testtime.adapt.base import AdaptedModel
-from testtime.adapt.components.guard import CollapseGuard
+from testtime.adapt.components.guard import CollapseGuard, diversity
 from testtime.adapt.config import MethodConfig
 from testtime.errors import ConfigError
 
@@ -65,7 +65,8 @@ def test_a_collapse_is_detected_restored_logged_and_counted(source_model, noisy_
     assert (out_bare[-100:].argmax(1) == 0).float().mean() > 0.95  # the unguarded model collapsed
     n = guarded.counters()["restores"]
     assert n >= 1 and len(guarded.guard_events) == n
-    assert all(e["restored"] == "source" and "class 0" in e["reason"] for e in guarded.guard_events)
+    assert all(e["restored"] == "source" for e in guarded.guard_events)
+    assert all("class 0" in e["reason"] or "diversity" in e["reason"] for e in guarded.guard_events)
     assert "collapse guard" in caplog.text
     err = lambda out: float((out.argmax(1) != y).float().mean())  # noqa: E731
     assert err(out_guarded) < err(out_bare) - 0.1
@@ -153,6 +154,7 @@ def test_guard_is_off_for_methods_without_adapted_state(source_model):
         {"guard_max_class_fraction": 0.0},
         {"guard_max_class_fraction": 1.5},
         {"guard_min_entropy": -0.1},
+        {"guard_min_diversity": 1.0},
         {"guard_entropy_momentum": 1.0},
         {"guard_restore": "yesterday"},
         {"guard_snapshot_every": 0},
@@ -171,3 +173,9 @@ def test_confirmation_rule():
     assert CollapseGuard.confirms(collapsed, diverse)
     assert not CollapseGuard.confirms(collapsed, collapsed)  # the source also sees class 0
     assert not CollapseGuard.confirms(diverse, collapsed)  # no dominant class
+    two = onehot([3, 7] * 5)  # collapsed onto two classes
+    assert CollapseGuard.confirms(two, diverse) and not CollapseGuard.confirms(
+        two, onehot([3, 7, 3, 7, 1] * 2)
+    )
+    assert diversity(torch.zeros(8, dtype=torch.long), 10) == 0.0
+    assert diversity(torch.arange(10), 10) == pytest.approx(1.0)

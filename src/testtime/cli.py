@@ -47,6 +47,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         batch_size=1 if args.scenario == "batch_size_1" else args.batch_size,  # recorded as run
         data=args.data,
         cifar10c=args.cifar10c,
+        subset=args.subset,
         corruptions=_split(args.corruptions) or None,
         n_per_domain=args.n_per_domain
         if args.n_per_domain is not None or args.data != "embedded" or args.dataset != "cifar10"
@@ -101,7 +102,7 @@ def cmd_scenarios(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_models(args: argparse.Namespace, console: Console) -> int:
-    from testtime.models.zoo import ARCHS, SHIPPED
+    from testtime.models.zoo import ARCHS, SHIPPED, published_models
 
     t = Table(title="shipped source models")
     for c in ("name", "arch", "dataset", "sha256", "description"):
@@ -109,6 +110,12 @@ def cmd_models(args: argparse.Namespace, console: Console) -> int:
     for m in SHIPPED.values():
         t.add_row(m.name, m.arch, m.dataset, m.sha256[:12] + "…", m.description)
     Console().print(t)
+    p = Table(title="published models (downloaded and cached, or --model-path FILE)")
+    p.add_column("name")
+    p.add_column("description")
+    for name, desc in published_models().items():
+        p.add_row(name, desc)
+    Console().print(p)
     Console().print(f"architectures: {', '.join(ARCHS)}")
     return 0
 
@@ -182,7 +189,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
 
     from testtime.adapt import adapt, get_method
     from testtime.adapt.config import parse_overrides
-    from testtime.bench.experiment import resolve_device
+    from testtime.device import select_device
     from testtime.errors import ConfigError
     from testtime.serve import (  # ConfigError naming testtime[serve] when FastAPI is missing
         bind_socket,
@@ -196,7 +203,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(
             f"{args.method} needs source (training) images, which `testtime serve` does not load"
         )
-    device = resolve_device(args.device)
+    device = select_device(args.device)
     model, name, shape, classes = load_served_model(args.model, args.model_path, args.arch)
     adapted = adapt(model.to(device, memory_format=torch.channels_last), args.method, **overrides)
     app = create_app(
@@ -275,7 +282,9 @@ def cmd_serve_check(args: argparse.Namespace, console: Console) -> int:
 def _add_served_model(p: argparse.ArgumentParser, paths: bool = True) -> None:
     p.add_argument("--method", "-m", default="tent", help="method name (see `testtime methods`)")
     p.add_argument(
-        "--model", help="shipped model (see `testtime models`; default: cifar10_resnet26, CIFAR-10)"
+        "--model",
+        help="model name (see `testtime models`: shipped, robustbench:..., torchvision:..., timm:...; "
+        "default: cifar10_resnet26, CIFAR-10)",
     )
     if paths:
         p.add_argument("--model-path", help="weights file to load instead of a shipped model (needs --arch)")
@@ -312,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="method name(s), comma-separated or repeated; 'all' "
         "for every registered method (default: source,bn,tent)",
     )
-    r.add_argument("--dataset", default="cifar10", help="cifar10 (CIFAR-10-C), mnist_usps or usps_mnist")
+    r.add_argument(
+        "--dataset",
+        default="cifar10",
+        help="cifar10 (CIFAR-10-C), cifar100 (CIFAR-100-C), imagenet_c, mnist_usps or usps_mnist",
+    )
     r.add_argument("--scenario", "-s", default="continual", help="see `testtime scenarios`")
     r.add_argument(
         "--delta", type=float, help="Dirichlet concentration of correlated scenarios (default 0.1)"
@@ -330,10 +343,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="embedded",
         help="clean CIFAR-10: 'embedded' (2,000 test images shipped in the package), 'auto' "
         "(full set from $TESTTIME_DATA or ../shared/data if found), or a path to an npz / "
-        "cifar-10-batches-py directory",
+        "cifar-10-batches-py directory; cifar100: the cifar-100-python directory; imagenet_c: the "
+        "ImageNet-C directory (<corruption>/<severity>/<wnid>/*.JPEG)",
     )
     r.add_argument(
-        "--cifar10c", help="directory of the official CIFAR-10-C .npy files (instead of generating)"
+        "--corrupted",
+        "--cifar10c",
+        "--cifar100c",
+        dest="cifar10c",
+        metavar="DIR",
+        help="directory of the official CIFAR-10-C / CIFAR-100-C .npy files (<corruption>.npy, "
+        "labels.npy) instead of generating the corruptions",
+    )
+    r.add_argument(
+        "--subset",
+        metavar="FILE",
+        help="imagenet_c: list file of relative image paths <wnid>/<file> to use (e.g. RobustBench's "
+        "5,000-image imagenet_test_image_ids.txt; default: every image)",
     )
     r.add_argument("--corruptions", action="append", help="subset of corruptions, comma-separated")
     r.add_argument(
@@ -351,10 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--seed", action="append", help="seed(s), comma-separated (default 0)")
     r.add_argument("--corruption-seed", type=int, default=0, help="seed of the corruption generator")
-    r.add_argument("--model", help="shipped model (see `testtime models`; default: the dataset's)")
-    r.add_argument("--model-path", help="weights file to load instead of a shipped model (needs --arch)")
+    r.add_argument(
+        "--model",
+        help="model name (see `testtime models`): shipped, robustbench:<dataset>:<id>, "
+        "torchvision:<arch> or timm:<model> (default: the dataset's)",
+    )
+    r.add_argument(
+        "--model-path",
+        help="weights file: for a robustbench/torchvision/timm --model instead of downloading; "
+        "otherwise loaded into --arch",
+    )
     r.add_argument("--arch", help="architecture for --model-path")
-    r.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    r.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N] or mps")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     r.add_argument(
         "--option",
@@ -410,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--out", default="results/bench", help="results root; the suite writes to OUT/SUITE")
     bn.add_argument("--jobs", "-j", type=int, default=1, help="parallel worker processes (local backend)")
     bn.add_argument("--backend", default="local", choices=["local"], help="where cells run")
-    bn.add_argument("--device", default="cpu")
+    bn.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N] or mps")
     bn.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / jobs)")
     bn.add_argument("--cache-dir", help="where generated corruptions are cached")
     bn.set_defaults(func=cmd_bench)
@@ -439,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between state snapshots (0: only at shutdown)",
     )
     sv.add_argument("--max-batch", type=int, default=1024, help="most images accepted in one request")
-    sv.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    sv.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N] or mps")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(func=cmd_serve)
 

@@ -147,7 +147,7 @@ def decode_images(files: Sequence[tuple[str, bytes]], input_shape: tuple[int, in
 
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
-INPUT_SIZE = 32  # every architecture in testtime.models.zoo takes 32x32 images
+INPUT_SIZE = 32  # the CIFAR and digit models take 32x32 images (ImageNet models: their own size)
 
 
 def load_served_model(
@@ -155,16 +155,27 @@ def load_served_model(
 ) -> tuple[torch.nn.Module, str, tuple[int, int, int], tuple[str, ...] | None]:
     """(model, display name, input shape (C, H, W), class names or None) of a zoo model or weights file."""
     from testtime.adapt.base import first_conv_in_channels
-    from testtime.data.cifar import CIFAR10_CLASSES
-    from testtime.models.zoo import DEFAULT_MODEL, SHIPPED, load_model
+    from testtime.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
+    from testtime.models.zoo import DEFAULT_MODEL, SHIPPED, load_model, model_info
 
     name = name or DEFAULT_MODEL
     model = load_model(name, path, arch)
-    shape = (first_conv_in_channels(model) or 3, INPUT_SIZE, INPUT_SIZE)
-    if path is not None:
+    if path is not None and (
+        name in SHIPPED or arch is not None
+    ):  # an architecture's weights: classes unknown
+        shape = (first_conv_in_channels(model) or 3, INPUT_SIZE, INPUT_SIZE)
         return model, str(path), shape, None
-    classes = CIFAR10_CLASSES if SHIPPED[name].dataset == "cifar10" else DIGIT_CLASSES
-    return model, name, shape, tuple(classes)
+    info = model_info(name)
+    shape = (first_conv_in_channels(model) or 3, info.input_size, info.input_size)
+    names = {
+        "cifar10": CIFAR10_CLASSES,
+        "cifar100": CIFAR100_CLASSES,
+        "mnist": DIGIT_CLASSES,
+        "usps": DIGIT_CLASSES,
+    }
+    classes = names.get(info.dataset)  # None for ImageNet: predictions carry the class index only
+    label = name if path is None else f"{name} ({path})"
+    return model, label, shape, tuple(classes) if classes is not None else None
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,7 @@ class AdaptedModel(nn.Module):
             self.guard = CollapseGuard(
                 config.guard_window,
                 config.guard_max_class_fraction,
+                config.guard_min_diversity,
                 config.guard_min_entropy,
                 config.guard_entropy_momentum,
             )

@@ -22,6 +22,7 @@ class MethodConfig:
     guard: bool = True
     guard_window: int = 1000  # predictions in the class-histogram window
     guard_max_class_fraction: float = 0.9  # alarm: one class above this share of the window
+    guard_min_diversity: float = 0.5  # alarm: class-histogram entropy / ln C of the window below this
     guard_min_entropy: float = 0.02  # alarm: average of mean entropy / ln C below this
     guard_entropy_momentum: float = 0.9  # momentum of that average (per batch)
     guard_restore: str = "source"  # source | last_good
@@ -38,6 +39,7 @@ class MethodConfig:
         return [
             ("guard_window", self.guard_window >= 1, "must be >= 1"),
             ("guard_max_class_fraction", 0 < self.guard_max_class_fraction <= 1, "must be in (0, 1]"),
+            ("guard_min_diversity", 0 <= self.guard_min_diversity < 1, "must be in [0, 1)"),
             ("guard_min_entropy", 0 <= self.guard_min_entropy < 1, "must be in [0, 1)"),
             ("guard_entropy_momentum", 0 <= self.guard_entropy_momentum < 1, "must be in [0, 1)"),
             ("guard_restore", self.guard_restore in ("source", "last_good"), "must be source or last_good"),

@@ -24,32 +24,61 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from testtime.adapt.base import AdaptedModel
 from testtime.adapt.config import with_overrides
 from testtime.adapt.registry import adapt, get_method, list_methods
 from testtime.bench.report import load_rows, render
 from testtime.bench.runner import Cell, cell_payload, completed_cells, run_stream, write_payload
-from testtime.data.cifar import ImageSet, find_cifar10, load_cifar10, load_embedded_cifar10
+from testtime.data.cifar import (
+    ImageSet,
+    find_cifar10,
+    find_cifar100,
+    load_cifar10,
+    load_cifar100,
+    load_embedded_cifar10,
+    shared_data_dirs,
+)
 from testtime.data.digits import load_digits
 from testtime.data.streams import (
     Cifar10CFiles,
+    Cifar100CFiles,
     CorruptedDataset,
     DomainData,
     NaturalShift,
+    Stream,
     StreamSpec,
     build_stream,
     check_scenario_options,
     list_scenarios,
 )
-from testtime.errors import ConfigError
-from testtime.models.zoo import DEFAULT_MODEL, SHIPPED, load_model
+from testtime.device import select_device
+from testtime.errors import ConfigError, DataError
+from testtime.models.zoo import DEFAULT_MODEL, is_known_model, known_models_hint, load_model, model_info
 from testtime.utils import atomic_write_json, env_info, seed_everything
 
 DATASETS = {
     "cifar10": "CIFAR-10-C (15 corruptions generated from CIFAR-10 test images, or the official files)",
+    "cifar100": "CIFAR-100-C (generated from the CIFAR-100 test set given by --data, or the official "
+    "files given by --corrupted)",
+    "imagenet_c": "ImageNet-C from a directory (--data DIR: <corruption>/<severity>/<wnid>/*.JPEG; "
+    "--subset FILE for a list of images such as RobustBench's 5,000)",
     "mnist_usps": "MNIST-trained model tested on USPS (all 9,298 digits), a real shift",
     "usps_mnist": "USPS-trained model tested on MNIST (10,000 test digits), a real shift",
 }
-DEFAULT_MODELS = {"cifar10": DEFAULT_MODEL, "mnist_usps": "mnist_digitnet", "usps_mnist": "usps_digitnet"}
+DEFAULT_MODELS = {
+    "cifar10": DEFAULT_MODEL,
+    "cifar100": "robustbench:cifar100:Hendrycks2020AugMix_ResNeXt",
+    "imagenet_c": "torchvision:resnet50",
+    "mnist_usps": "mnist_digitnet",
+    "usps_mnist": "usps_digitnet",
+}
+MODEL_DATASETS = {  # the training set a model must come from, per test dataset
+    "cifar10": "cifar10",
+    "cifar100": "cifar100",
+    "imagenet_c": "imagenet",
+    "mnist_usps": "mnist",
+    "usps_mnist": "usps",
+}
 
 
 @dataclass
@@ -72,7 +101,8 @@ class RunConfig:
     severity: int = 5
     batch_size: int = 200
     data: str = "embedded"  # "embedded", "auto" (full set if found, else embedded) or a path
-    cifar10c: str | None = None  # directory of the official CIFAR-10-C .npy files
+    cifar10c: str | None = None  # directory of official CIFAR-10-C / CIFAR-100-C .npy files (--corrupted)
+    subset: str | None = None  # imagenet_c: list file of relative image paths to use
     corruptions: list[str] | None = None  # None: every domain of the dataset
     n_per_domain: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -120,6 +150,7 @@ class RunConfig:
                 overrides=tuple(sorted(method_overrides(m, self.overrides).items())),
                 data=self.data,
                 cifar10c=self.cifar10c,
+                subset=self.subset,
                 corruption_seed=self.corruption_seed,
                 model=self.model,
                 model_path=self.model_path,
@@ -164,29 +195,30 @@ def validate_cell(cell: Cell) -> None:
     if cell.scenario not in list_scenarios():
         raise ConfigError(f"unknown scenario {cell.scenario!r}; known: {', '.join(list_scenarios())}")
     check_scenario_options(cell.scenario, dict(cell.scenario_options))
+    if cell.subset is not None and cell.dataset != "imagenet_c":
+        raise ConfigError("--subset (a list of image paths) applies to --dataset imagenet_c only")
+    if cell.cifar10c is not None and cell.dataset not in ("cifar10", "cifar100"):
+        hint = "; pass the ImageNet-C directory as --data" if cell.dataset == "imagenet_c" else ""
+        raise ConfigError(
+            f"--corrupted (.npy files) applies to cifar10 and cifar100, not {cell.dataset}{hint}"
+        )
     name = cell.model or DEFAULT_MODELS.get(cell.dataset, DEFAULT_MODEL)
-    if cell.model_path is None and name not in SHIPPED:
-        raise ConfigError(f"unknown model {name!r}; shipped models: {', '.join(SHIPPED)}")
+    if cell.model_path is None and not is_known_model(name):
+        raise ConfigError(f"unknown model {name!r}; {known_models_hint()}")
+    if is_known_model(name) and not (cell.model_path and cell.arch):  # --arch: the user's own model
+        trained_on = model_info(name).dataset
+        if trained_on != MODEL_DATASETS[cell.dataset]:
+            raise ConfigError(
+                f"model {name} was trained on {trained_on}; dataset {cell.dataset} needs a model "
+                f"trained on {MODEL_DATASETS[cell.dataset]} (e.g. {DEFAULT_MODELS[cell.dataset]})"
+            )
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {name!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but CUDA is not available")
-    return dev
+resolve_device = select_device  # the one device helper (testtime.device), under its older name
 
 
 # ----------------------------------------------------------------------------- data & models (cached)
-_DATA: dict[tuple[Any, ...], tuple[DomainData, ImageSet]] = {}
+_DATA: dict[tuple[Any, ...], tuple[DomainData, ImageSet | None]] = {}
 _MODELS: dict[tuple[Any, ...], torch.nn.Module] = {}
 
 
@@ -200,8 +232,9 @@ def load_clean(data: str) -> ImageSet:
 
 def domain_data(cell: Cell, cache_dir: str | None, log: Callable[[str], None] | None = None) -> DomainData:
     """The test-domain source of `cell.dataset` (cached per process)."""
-    key = (cell.dataset, cell.data, cell.cifar10c, cell.corruption_seed, cache_dir)
+    key = (cell.dataset, cell.data, cell.cifar10c, cell.subset, cell.corruption_seed, cache_dir)
     if key not in _DATA:
+        clean: ImageSet | None
         if cell.dataset == "cifar10":
             clean = load_clean(cell.data)
             src: DomainData = (
@@ -209,6 +242,21 @@ def domain_data(cell: Cell, cache_dir: str | None, log: Callable[[str], None] | 
                 if cell.cifar10c
                 else CorruptedDataset(clean, seed=cell.corruption_seed, cache_dir=cache_dir, progress=log)
             )
+        elif cell.dataset == "cifar100":
+            clean = load_clean_cifar100(cell.data)
+            if cell.cifar10c:
+                src = Cifar100CFiles(cell.cifar10c, clean)
+            elif clean is None:
+                raise ConfigError(
+                    "cifar100 needs the CIFAR-100 test set to generate corruptions from (--data PATH to "
+                    "cifar-100-python) or the official CIFAR-100-C files (--corrupted DIR)"
+                )
+            else:
+                src = CorruptedDataset(clean, seed=cell.corruption_seed, cache_dir=cache_dir, progress=log)
+        elif cell.dataset == "imagenet_c":
+            from testtime.data.imagenet_c import ImageNetC
+
+            clean, src = None, ImageNetC(imagenet_c_root(cell.data), subset=cell.subset)
         elif cell.dataset in ("mnist_usps", "usps_mnist"):
             s, t = cell.dataset.split("_")
             path = None if cell.data in ("embedded", "auto") else cell.data
@@ -218,6 +266,30 @@ def domain_data(cell: Cell, cache_dir: str | None, log: Callable[[str], None] | 
             raise ConfigError(f"unknown dataset {cell.dataset!r}; known: {', '.join(DATASETS)}")
         _DATA[key] = (src, clean)
     return _DATA[key][0]
+
+
+def load_clean_cifar100(data: str) -> ImageSet | None:
+    """The CIFAR-100 test set from a path, or found in the data directories ('embedded'/'auto'), or None."""
+    if data in ("embedded", "auto"):
+        return load_cifar100("test") if find_cifar100() is not None else None
+    return load_cifar100("test", data)
+
+
+IMAGENET_C_DIRS = ("ImageNet-C", "imagenet-c", "imagenet_c")
+
+
+def imagenet_c_root(data: str) -> str:
+    """The ImageNet-C directory: `data`, or for 'embedded'/'auto' one found in the data directories."""
+    if data not in ("embedded", "auto"):
+        return data
+    for d in shared_data_dirs():
+        for name in IMAGENET_C_DIRS:
+            if (d / name).is_dir():
+                return str(d / name)
+    raise DataError(
+        "imagenet_c needs the ImageNet-C directory: pass --data DIR "
+        "(<corruption>/<severity>/<wnid>/*.JPEG) or put ImageNet-C under $TESTTIME_DATA"
+    )
 
 
 DEFAULT_SOURCE_SAMPLES = 2000  # for methods that cannot run without source data
@@ -237,6 +309,19 @@ def source_data(cell: Cell) -> ImageSet | None:
                 "put cifar10_jpeg.npz or cifar-10-batches-py under $TESTTIME_DATA (or pass --data PATH)"
             )
         train = load_cifar10("train", path)
+    elif cell.dataset == "cifar100":
+        path = None if cell.data in ("embedded", "auto") else cell.data
+        if find_cifar100(path) is None:
+            raise ConfigError(
+                f"{cell.method} needs source (training) images, but the CIFAR-100 training set was not "
+                "found; put cifar-100-python under $TESTTIME_DATA (or pass --data PATH)"
+            )
+        train = load_cifar100("train", path)
+    elif cell.dataset == "imagenet_c":
+        raise ConfigError(
+            f"{cell.method} is given source (training) images here, which testtime does not load for "
+            "ImageNet; use --source-samples 0 and a method that runs without them"
+        )
     else:
         train = load_digits(cell.dataset.split("_")[0], "train")
     rng = np.random.default_rng(cell.seed)
@@ -271,6 +356,33 @@ def build_cell_stream(cell: Cell, opts: ExecOptions, log: Callable[[str], None] 
     return build_stream(cell.scenario, spec)
 
 
+@dataclass
+class PreparedCell:
+    """A cell ready to run: its stream (data materialised), the source model and the wrapped method."""
+
+    stream: Stream
+    model: torch.nn.Module  # the shared source model (the method wraps a copy)
+    adapted: AdaptedModel
+    setup_seconds: float  # building the method (copy, source statistics, warm-up, ...)
+
+
+def prepare_cell(cell: Cell, opts: ExecOptions, log: Callable[[str], None] | None = None) -> PreparedCell:
+    """Validate `cell`, build its stream, seed, and wrap the source model; nothing runs yet."""
+    validate_cell(cell)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = select_device(opts.device)
+    stream = build_cell_stream(cell, opts, log)
+    for d in stream.domains:  # materialise (generate/cache) the data before timing starts
+        stream.data.get(d)
+    seed_everything(cell.seed)
+    model = source_model(cell, device)
+    source = source_data(cell)
+    t0 = time.perf_counter()
+    adapted = adapt(model, cell.method, source_data=source, seed=cell.seed, **dict(cell.overrides)).to(device)
+    return PreparedCell(stream, model, adapted, time.perf_counter() - t0)
+
+
 def execute_cell(
     cell: Cell,
     opts: ExecOptions,
@@ -279,23 +391,12 @@ def execute_cell(
     on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run one cell and return its result payload (nothing is written)."""
-    validate_cell(cell)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    device = resolve_device(opts.device)
-    stream = build_cell_stream(cell, opts, log)
-    for d in stream.domains:  # materialise (generate/cache) the data before timing starts
-        stream.data.get(d)
-    seed_everything(cell.seed)
-    model = source_model(cell, device)
-    adapted = adapt(
-        model, cell.method, source_data=source_data(cell), seed=cell.seed, **dict(cell.overrides)
-    ).to(device)
+    prep = prepare_cell(cell, opts, log)
     if on_start:
-        on_start(len(stream))
-    res = run_stream(adapted, stream, on_batch=on_batch)
-    res.extra["data"] = stream.data.describe()
-    return cell_payload(cell, res, adapted.describe())
+        on_start(len(prep.stream))
+    res = run_stream(prep.adapted, prep.stream, on_batch=on_batch)
+    res.extra["data"] = prep.stream.data.describe()
+    return cell_payload(cell, res, prep.adapted.describe())
 
 
 def progress_bar(console: Console, label: str) -> Progress:
@@ -358,12 +459,13 @@ def run_experiment(cfg: RunConfig, console: Console | None = None) -> Path:
     cells = cfg.cells()
     for c in cells:
         validate_cell(c)
-    resolve_device(cfg.exec.device)  # fail before any data is generated
+    device = select_device(cfg.exec.device)  # fail before any data is generated
     data = domain_data(cells[0], cfg.exec.cache_dir, console.log)
     identity = {
         k: v
         for k, v in dataclasses.asdict(cfg).items()
         if k not in ("methods", "seeds", "overrides", "out", "run_id", "exec")
+        and not (k == "subset" and v is None)  # added later: absent keeps older run ids valid
     }
     identity["data_source"] = data.describe()
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -377,6 +479,8 @@ def run_experiment(cfg: RunConfig, console: Console | None = None) -> Path:
         "methods": expand_methods(cfg.methods),
     }
     done = prepare_out_dir(out_dir, identity, meta)
+    if cfg.exec.device != str(device):
+        console.log(f"device: {device} (--device {cfg.exec.device})")
     todo = [c for c in cells if c.cell_id not in done]
     if len(todo) < len(cells):
         console.log(f"resuming {out_dir}: {len(cells) - len(todo)} of {len(cells)} runs already done")

@@ -165,6 +165,82 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+SPEED_METRICS = (
+    "n_images", "images_per_s", "x_inference", "forward_per_image", "min_forward_per_image",
+    "backward_per_image", "min_backward_per_image", "adapted_params", "state_bytes", "optimizer_bytes",
+    "guard_bytes", "snapshot_bytes", "peak_cuda_mb", "inference_images_per_s", "setup_seconds",
+    "loadavg_1m", "torch_threads",
+)  # fmt: skip
+
+
+def speed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method (in row order, averaged over seeds): the cost metrics of the speed suite."""
+    by: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["metric"] in SPEED_METRICS and r["corruption"] == "all":
+            by[r["method"]][r["metric"]].append(float(r["value"]))
+        elif r["metric"] == "error" and r["corruption"] == "mean":
+            by[r["method"]]["error"].append(float(r["value"]))
+        if r["metric"] == "x_inference":
+            by[r["method"]]["batch_size"].append(float(r["batch_size"]))
+    return [
+        {"method": m, **{k: float(np.mean(v)) for k, v in metrics.items()}}
+        for m, metrics in by.items()
+        if "x_inference" in metrics
+    ]
+
+
+def speed_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: the speed suite's cost per method, passes measured / declared minimum, and notes."""
+    summary = speed_summary(rows)
+    if not summary:
+        return []
+    cuda = any("peak_cuda_mb" in s for s in summary)
+    head = ["method", "images", "batch", "img/s", "x inference", "fwd/img (min)", "bwd/img (min)",
+            "adapted params", "state MB", "guard MB", *(["peak CUDA MB"] if cuda else []), "error %"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+
+    def get(s: dict[str, Any], k: str, digits: int) -> str:
+        return fmt(s.get(k, float("nan")), digits)
+
+    for s in summary:
+        mb = (s.get("state_bytes", 0) + s.get("optimizer_bytes", 0)) / 1e6
+        cells = [
+            s["method"],
+            get(s, "n_images", 0),
+            get(s, "batch_size", 0),
+            get(s, "images_per_s", 0),
+            f"{get(s, 'x_inference', 2)}x",
+            f"{get(s, 'forward_per_image', 2)} ({get(s, 'min_forward_per_image', 2)})",
+            f"{get(s, 'backward_per_image', 2)} ({get(s, 'min_backward_per_image', 2)})",
+            f"{s.get('adapted_params', 0):,.0f}",
+            fmt(mb, 3),
+            fmt(s.get("guard_bytes", 0) / 1e6, 2),
+            *([get(s, "peak_cuda_mb", 0)] if cuda else []),
+            get(s, "error", 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    loads = [s["loadavg_1m"] for s in summary if "loadavg_1m" in s]
+    threads = sorted({int(s["torch_threads"]) for s in summary if "torch_threads" in s})
+    lines += [
+        "",
+        "- x inference: the method's wall time over that of plain inference (`eval()`, inference mode) "
+        "of the same model on the same batches, timed right before and right after it (mean); robust to "
+        "machine load.",
+        "- fwd/img, bwd/img: image passes per test image, measured (minimum the algorithm needs).",
+        "- state MB: tensors the method keeps besides the adapted model's weights (teachers, anchors, "
+        "memories, statistics) plus optimiser state; guard MB: the collapse guard's source copy; "
+        "the reset snapshot (the whole state again) is in the JSON. "
+        + ("Peak CUDA MB: max_memory_allocated." if cuda else "CPU run: memory as tensor bytes, no peak."),
+    ]
+    if loads:
+        lines.append(
+            f"- load average (1 min) at the methods' starts: {min(loads):.2f} to {max(loads):.2f}; "
+            f"torch threads: {', '.join(map(str, threads))}."
+        )
+    return lines
+
+
 def render(out_dir: str | Path, plots: bool = True) -> Path:
     """(Re)write results.csv, trace.csv and summary.md (and plots when matplotlib is present)."""
     out_dir = Path(out_dir)
@@ -200,6 +276,9 @@ def render(out_dir: str | Path, plots: bool = True) -> Path:
         *summary_table(rows),
         "",
     ]
+    speed = speed_table(rows)
+    if speed:
+        lines += ["## Speed", "", *speed, ""]
     if any(r["metric"] == "round_error" for r in rows):
         lines += ["## Error (%) per round of the repeated sequence", "", *error_table(rows, "round_error")]
     if plots:

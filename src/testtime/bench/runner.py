@@ -143,12 +143,13 @@ class Cell:
     n_per_domain: int | None = None
     overrides: tuple[tuple[str, str], ...] = ()
     data: str = "embedded"
-    cifar10c: str | None = None
+    cifar10c: str | None = None  # directory of official CIFAR-10-C / CIFAR-100-C .npy files
     corruption_seed: int = 0
     model: str | None = None
     model_path: str | None = None
     arch: str | None = None
     source_samples: int = 0  # clean training images handed to the method (0: only if it needs them)
+    subset: str | None = None  # imagenet_c: list file of the images to use (None: all)
 
     @property
     def cell_id(self) -> str:

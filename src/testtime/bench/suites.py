@@ -17,6 +17,7 @@ from testtime.adapt.registry import list_methods
 from testtime.bench.experiment import ExecOptions, execute_cell, prepare_out_dir, run_cells_sequential
 from testtime.bench.report import render
 from testtime.bench.runner import Cell, write_payload
+from testtime.bench.speed import run_speed, speed_cells, stream_description
 from testtime.errors import ConfigError
 
 
@@ -35,6 +36,9 @@ class Suite:
     description: str
     build: Callable[[SuiteArgs], list[Cell]]
     default_seeds: tuple[int, ...] = (0,)
+    # runs all cells in this process in one go (no resumption, no pool) instead of the cell runner
+    runner: Callable[[list[Cell], ExecOptions, Path, Console], Any] | None = None
+    describe_data: Callable[[], str] | None = None  # for config.json (default: the suite name and --data)
 
 
 def _methods(preferred: list[str], args: SuiteArgs) -> list[str]:
@@ -103,6 +107,14 @@ def digits(args: SuiteArgs) -> list[Cell]:
     return _grid(_methods(list_methods(), args), settings, args.seeds)
 
 
+def speed(args: SuiteArgs) -> list[Cell]:
+    """Cost of every registered method in one process: images/s, ratio of wall time to plain
+    inference on the same batches, passes per image (measured / minimal), adapted parameters and
+    the memory the method keeps (embedded CIFAR-10, 3 corruptions x 200 images, batch 100; MEMO on
+    3 x 10 images)."""
+    return speed_cells(_methods(list_methods(), args), args.seeds)
+
+
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in [
@@ -110,6 +122,7 @@ SUITES: dict[str, Suite] = {
         Suite("paper", paper.__doc__ or "", paper, (0,)),
         Suite("scenarios", scenarios.__doc__ or "", scenarios, (0,)),
         Suite("digits", digits.__doc__ or "", digits, (0, 1, 2)),
+        Suite("speed", speed.__doc__ or "", speed, (0,), runner=run_speed, describe_data=stream_description),
     ]
 }
 
@@ -166,18 +179,28 @@ def run_suite(
         "description": suite.description,
         "seeds": args.seeds,
         "methods": methods,
-        "data_description": f"suite {suite_name} (data={args.data})",
+        "data_description": suite.describe_data()
+        if suite.describe_data
+        else f"suite {suite_name} (data={args.data})",
         "model": "per dataset",
     }
+    if backend != "local":
+        raise ConfigError(f"unknown backend {backend!r}; only 'local' is available")
     done = prepare_out_dir(out_dir, identity, meta)
+    t0 = time.time()
+    if suite.runner is not None:
+        console.log(f"suite {suite_name}: {len(cells)} cells, measured in this process in one run")
+        if jobs > 1:
+            console.log(f"suite {suite_name}: --jobs {jobs} ignored (one process, so timings compare)")
+        suite.runner(cells, opts, out_dir, console)
+        render(out_dir, plots=True)
+        console.log(f"suite {suite_name} finished in {time.time() - t0:.0f} s")
+        return out_dir
     todo = [c for c in cells if c.cell_id not in done]
     console.log(
         f"suite {suite_name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run"
     )
-    t0 = time.time()
-    if backend != "local":
-        raise ConfigError(f"unknown backend {backend!r}; only 'local' is available")
-    elif jobs > 1 and todo:
+    if jobs > 1 and todo:
         run_cells_pool(todo, opts, out_dir, jobs, console)
     else:
         run_cells_sequential(todo, opts, out_dir, console)

@@ -1,4 +1,4 @@
-"""CIFAR-10 / CIFAR-10-C loading: npz, the official python-pickle release, and CIFAR-10-C `.npy`."""
+"""CIFAR-10/100 and CIFAR-10/100-C loading: npz, the official python-pickle releases, and the `-C` `.npy` files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import os
 import pickle
 import tarfile
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from importlib import resources
@@ -172,16 +173,15 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_cifar10(
-    root: str | os.PathLike | None = None, url: str = CIFAR10_URL, md5: str | None = CIFAR10_TAR_MD5
+def _download_release(
+    root: str | os.PathLike | None, url: str, md5: str | None, folder: str, probe: str
 ) -> Path:
-    """Download and extract the official python release; returns the `cifar-10-batches-py` dir."""
     root = Path(root) if root is not None else Path.home() / ".cache" / "testtime" / "data"
     root.mkdir(parents=True, exist_ok=True)
-    out = root / "cifar-10-batches-py"
-    if (out / "test_batch").exists():
+    out = root / folder
+    if (out / probe).exists():
         return out
-    tar = root / "cifar-10-python.tar.gz"
+    tar = root / (Path(urllib.parse.urlparse(url).path).name or f"{folder}.tar.gz")
     tmp = tar.with_suffix(".part")
     try:
         urllib.request.urlretrieve(url, tmp)
@@ -195,6 +195,13 @@ def download_cifar10(
     with tarfile.open(tar) as t:
         t.extractall(root, filter="data")
     return out
+
+
+def download_cifar10(
+    root: str | os.PathLike | None = None, url: str = CIFAR10_URL, md5: str | None = CIFAR10_TAR_MD5
+) -> Path:
+    """Download and extract the official python release; returns the `cifar-10-batches-py` dir."""
+    return _download_release(root, url, md5, "cifar-10-batches-py", "test_batch")
 
 
 CIFAR10C_CORRUPTIONS = (
@@ -216,18 +223,194 @@ CIFAR10C_CORRUPTIONS = (
 )
 
 
-def load_cifar10c_npy(root: str | os.PathLike, corruption: str, severity: int) -> ImageSet:
-    """Read the official CIFAR-10-C layout: `<corruption>.npy` (50000 = 5 severities x 10k) + `labels.npy`."""
+def load_cifar_c_npy(
+    root: str | os.PathLike, corruption: str, severity: int, name: str = "CIFAR-10-C"
+) -> ImageSet:
+    """Read the official CIFAR-10-C / CIFAR-100-C layout: `<corruption>.npy` (5 severities x N) + `labels.npy`."""
     root = Path(root)
     f, fl = root / f"{corruption}.npy", root / "labels.npy"
     if not f.exists() or not fl.exists():
-        raise DataError(f"{root}: CIFAR-10-C layout needs {corruption}.npy and labels.npy")
+        raise DataError(f"{root}: {name} layout needs {corruption}.npy and labels.npy")
     if not 1 <= severity <= 5:
         raise DataError(f"severity must be in 1..5, got {severity}")
-    x = np.load(f, mmap_mode="r", allow_pickle=False)
-    y = np.load(fl, allow_pickle=False)
+    try:
+        x = np.load(f, mmap_mode="r", allow_pickle=False)
+        y = np.load(fl, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"{root}: cannot read {f.name} / labels.npy ({type(e).__name__}: {e})") from e
     n = len(x) // 5
     if len(x) % 5 or len(y) != len(x):
         raise DataError(f"{f}: expected 5 severities of equal size and matching labels.npy")
     sl = slice((severity - 1) * n, severity * n)
     return ImageSet(np.ascontiguousarray(x[sl]), y[sl].astype(np.int64), f"{f}[severity {severity}]")
+
+
+def load_cifar10c_npy(root: str | os.PathLike, corruption: str, severity: int) -> ImageSet:
+    """Read the official CIFAR-10-C layout: `<corruption>.npy` (50000 = 5 severities x 10k) + `labels.npy`."""
+    return load_cifar_c_npy(root, corruption, severity, "CIFAR-10-C")
+
+
+# ----------------------------------------------------------------------------- CIFAR-100
+CIFAR100_DIR = "cifar-100-python"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_TAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+# the fine labels in index order (alphabetical, as in the release's `meta` file)
+CIFAR100_CLASSES = (
+    "apple",
+    "aquarium_fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn_mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple_tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak_tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm_tree",
+    "pear",
+    "pickup_truck",
+    "pine_tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet_pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow_tree",
+    "wolf",
+    "woman",
+    "worm",
+)
+
+
+def find_cifar100(path: str | os.PathLike | None = None) -> Path | None:
+    """Locate the official `cifar-100-python` directory: an explicit path, else the search dirs."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise DataError(f"CIFAR-100 data path does not exist: {p}")
+        return p
+    for d in shared_data_dirs():
+        if (d / CIFAR100_DIR).is_dir():
+            return d / CIFAR100_DIR
+    return None
+
+
+def load_cifar100(split: str = "test", path: str | os.PathLike | None = None) -> ImageSet:
+    """CIFAR-100 `train` or `test` (fine labels 0..99) from the official python release.
+
+    `path` is the `cifar-100-python` directory (holding `train`, `test`, `meta`) or its parent.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"unknown CIFAR-100 split {split!r}; use 'train' or 'test'")
+    root = find_cifar100(path)
+    if root is None:
+        raise DataError(
+            "CIFAR-100 not found; pass --data PATH (the cifar-100-python directory) or put "
+            "cifar-100-python under $TESTTIME_DATA"
+        )
+    if root.is_dir() and (root / CIFAR100_DIR).is_dir():
+        root = root / CIFAR100_DIR
+    f = root / split
+    if not root.is_dir() or not f.is_file():
+        raise DataError(
+            f"{root}: missing {split} (expected the official cifar-100-python layout: train, test, meta)"
+        )
+    try:
+        with open(f, "rb") as fh:
+            d = pickle.load(fh, encoding="latin1")
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        y = np.asarray(d["fine_labels"], dtype=np.int64)
+    except Exception as e:
+        raise DataError(f"{f}: not a CIFAR-100 python file ({type(e).__name__}: {e})") from e
+    if len(y) and (y.min() < 0 or y.max() >= 100):
+        raise DataError(f"{f}: fine labels must be in 0..99, got [{y.min()}, {y.max()}]")
+    return ImageSet(np.ascontiguousarray(x), y, str(f))
+
+
+def download_cifar100(
+    root: str | os.PathLike | None = None, url: str = CIFAR100_URL, md5: str | None = CIFAR100_TAR_MD5
+) -> Path:
+    """Download and extract the official CIFAR-100 python release; returns the `cifar-100-python` dir."""
+    return _download_release(root, url, md5, CIFAR100_DIR, "test")
+
+
+def load_cifar100c_npy(root: str | os.PathLike, corruption: str, severity: int) -> ImageSet:
+    """Read the official CIFAR-100-C layout (as CIFAR-10-C: `<corruption>.npy` + `labels.npy`)."""
+    return load_cifar_c_npy(root, corruption, severity, "CIFAR-100-C")

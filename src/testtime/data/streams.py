@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from testtime.data.cifar import CIFAR10C_CORRUPTIONS, ImageSet, load_cifar10c_npy
+from testtime.data.cifar import CIFAR10C_CORRUPTIONS, ImageSet, load_cifar_c_npy
 from testtime.errors import ConfigError, DataError
 
 
@@ -122,25 +122,33 @@ class CorruptedDataset(DomainData):
 class Cifar10CFiles(DomainData):
     """The official CIFAR-10-C release (`<corruption>.npy`, `labels.npy`); clean from `clean`."""
 
+    dataset_name = "CIFAR-10-C"
+
     def __init__(self, root: str | os.PathLike, clean: ImageSet | None = None) -> None:
         self.root = Path(root)
         if not (self.root / "labels.npy").exists():
-            raise DataError(f"{self.root}: not a CIFAR-10-C directory (labels.npy missing)")
+            raise DataError(f"{self.root}: not a {self.dataset_name} directory (labels.npy missing)")
         self.clean = clean
 
     def get(self, domain: Domain) -> tuple[np.ndarray, np.ndarray]:
         if domain.corruption == "clean":
             if self.clean is None:
-                raise DataError("clean images requested but no clean CIFAR-10 test set was given")
+                raise DataError("clean images requested but no clean test set was given")
             return self.clean.x, self.clean.y
-        s = load_cifar10c_npy(self.root, domain.corruption, domain.severity)
+        s = load_cifar_c_npy(self.root, domain.corruption, domain.severity, self.dataset_name)
         return s.x, s.y
 
     def describe(self) -> str:
-        return f"official CIFAR-10-C files in {self.root}"
+        return f"official {self.dataset_name} files in {self.root}"
 
     def num_samples(self) -> int:
         return len(np.load(self.root / "labels.npy", mmap_mode="r", allow_pickle=False)) // 5
+
+
+class Cifar100CFiles(Cifar10CFiles):
+    """The official CIFAR-100-C release, laid out as CIFAR-10-C (`<corruption>.npy`, `labels.npy`)."""
+
+    dataset_name = "CIFAR-100-C"
 
 
 class OpenSetData(DomainData):

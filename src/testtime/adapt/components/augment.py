@@ -62,12 +62,11 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     p = (v * (1 - s)).clamp(0, 1)
     q = (v * (1 - s * f)).clamp(0, 1)
     t = (v * (1 - s * (1 - f))).clamp(0, 1)
-    mask = i.unsqueeze(1) == torch.arange(6, device=i.device).view(-1, 1, 1)
-    a1 = torch.stack((v, q, p, p, t, v), 1)
-    a2 = torch.stack((t, v, v, q, p, p), 1)
-    a3 = torch.stack((p, p, t, v, v, q), 1)
-    a4 = torch.stack((a1, a2, a3), 1)  # (N, 3, 6, H, W)
-    return (a4 * mask.unsqueeze(1).to(x.dtype)).sum(2)
+    # hue sector i takes (r, g, b) from (v, q, p, p, t, v)[i], (t, v, v, q, p, p)[i], (p, p, t, v, v, q)[i]
+    # (torchvision's table), picked by a gather from (v, q, p, t): the same values as torchvision's
+    # masked sum over the six sectors, at a fraction of its cost
+    pick = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]], device=x.device)
+    return torch.stack((v, q, p, t), 1).gather(1, pick[i].permute(0, 3, 1, 2).contiguous()) + 0.0
 
 
 def adjust_hue(x: torch.Tensor, f: float) -> torch.Tensor:

@@ -6,14 +6,17 @@ method gets through its config (`guard*` fields of `MethodConfig`).
 
 Detection is two-stage so that it costs nothing while the model is healthy:
 
-1. Alarm (free: uses the logits the method already produced). Either one class takes more than
-   `guard_max_class_fraction` of the last `guard_window` predictions, or the exponential average
-   of the batches' mean normalised entropy (entropy / ln C) falls below `guard_min_entropy`.
-2. Confirmation (one extra forward pass of the frozen source model, only while an alarm is on):
-   the batch's most-predicted class k is predicted for at least half of the batch and the source
-   model predicts k for less than half as many of the batch's samples. Label-correlated streams
-   (where most of a batch truly is one class) raise the alarm but are not confirmed as long as the
-   source model also sees mostly that class.
+1. Alarm (free: uses the logits the method already produced). One class takes more than
+   `guard_max_class_fraction` of the last `guard_window` predictions, or the diversity of those
+   predictions (entropy of their class histogram / ln C) falls below `guard_min_diversity` (a
+   collapse onto a few classes), or the exponential average of the batches' mean normalised
+   prediction entropy falls below `guard_min_entropy`.
+2. Confirmation (one extra forward pass of the frozen source model, only while an alarm is on),
+   on the current batch: the adapted model's predictions are less than half as diverse as the
+   source model's, or its most-predicted class k covers at least half of the batch while the
+   source model predicts k for less than half as many samples. Label-correlated streams (where a
+   batch truly is mostly one class) raise the alarm but are not confirmed as long as the source
+   model also sees few classes.
 
 On confirmation the method is restored (to the source state, or to the older of the last two
 healthy snapshots with `guard_restore="last_good"`), the batch is answered with the source
@@ -35,9 +38,17 @@ from testtime.adapt.components.losses import entropy
 class CollapseGuard(nn.Module):
     """Running prediction statistics (buffers, so they are saved and reset with the method)."""
 
-    def __init__(self, window: int, max_class_fraction: float, min_entropy: float, momentum: float) -> None:
+    def __init__(
+        self,
+        window: int,
+        max_class_fraction: float,
+        min_diversity: float,
+        min_entropy: float,
+        momentum: float,
+    ) -> None:
         super().__init__()
         self.max_class_fraction = max_class_fraction
+        self.min_diversity = min_diversity
         self.min_entropy = min_entropy
         self.momentum = momentum
         self.register_buffer("preds", torch.full((window,), -1, dtype=torch.long))  # ring buffer
@@ -64,11 +75,13 @@ class CollapseGuard(nn.Module):
         self.entropy_ema.fill_(ema)
         seen = self.preds[self.preds >= 0]
         if len(seen) == window:  # judge the class histogram on a full window only
-            top = float(torch.bincount(seen).max()) / window
+            counts = torch.bincount(seen)
+            top = float(counts.max()) / window
             if top > self.max_class_fraction:
-                return (
-                    f"class {int(torch.bincount(seen).argmax())} takes {100 * top:.0f}% of the last {window}"
-                )
+                return f"class {int(counts.argmax())} takes {100 * top:.0f}% of the last {window}"
+            div = diversity(seen, logits.shape[1])
+            if div < self.min_diversity:
+                return f"prediction diversity {div:.2f} < {self.min_diversity:g} over the last {window}"
         if ema < self.min_entropy:
             return f"mean normalised entropy average {ema:.4f} < {self.min_entropy:g}"
         return None
@@ -78,6 +91,16 @@ class CollapseGuard(nn.Module):
     def confirms(logits: torch.Tensor, reference: torch.Tensor) -> bool:
         """Whether the batch looks collapsed against the reference (source) model's predictions."""
         pred, ref = logits.argmax(1), reference.argmax(1)
+        n_classes = logits.shape[1]
+        if diversity(pred, n_classes) < 0.5 * diversity(ref, n_classes):
+            return True
         k = torch.bincount(pred).argmax()
         ours, theirs = float((pred == k).float().mean()), float((ref == k).float().mean())
         return ours >= 0.5 and theirs < 0.5 * ours
+
+
+def diversity(pred: torch.Tensor, n_classes: int) -> float:
+    """Entropy of the predicted-class histogram / ln C: 0 for one class, 1 for a uniform spread."""
+    p = torch.bincount(pred, minlength=n_classes).float() / len(pred)
+    p = p[p > 0]
+    return float(-(p * p.log()).sum()) / math.log(max(2, n_classes))

@@ -36,14 +36,14 @@ def stochastic_restore(
 
     Returns the number of restored elements (CoTTA, Wang et al. 2022).
     """
-    restored = 0
+    restored = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         mask = torch.rand(p.shape, generator=generator, device="cpu").to(p.device) < prob
         p.copy_(torch.where(mask, source_state[name].to(p.device), p))
-        restored += int(mask.sum())
-    return restored
+        restored.append(mask.sum())
+    return int(torch.stack(restored).sum()) if restored else 0  # one device sync, not one per tensor
 
 
 def param_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ import torch
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.feature_memory import FeatureMemory, knn_vote
 from testtime.adapt.components.features import FeatureTap
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.source_stats import extract_features
 from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
@@ -101,3 +102,6 @@ class AdaNPC(AdaptedModel):
         keep = conf >= c.beta
         self.memory.add(feats[keep], pred[keep])
         return scores.log()
+
+    def minimal_passes(self) -> Passes:
+        return Passes(1, 0, "one forward gives the features the kNN vote and the memory use")

@@ -32,6 +32,7 @@ import torch
 
 from testtime.adapt.components.norm import MixedStatsNorm, convert_norm
 from testtime.adapt.components.norm_mixture import GradMixedStatsNorm
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.config import OptimConfig
 from testtime.adapt.registry import register_method
@@ -86,3 +87,9 @@ class AlphaBN(GradientMethod):
             logits = self.model(x)
             self.backward_and_step(class_correlation_loss(logits), x.shape[0])
         return logits
+
+    def minimal_passes(self) -> Passes:
+        if not self.config.core:
+            return Passes(1, 0, "one forward with the mixed statistics")
+        s = self.config.steps
+        return Passes(s, s, "Core: per step one forward (loss and prediction) and one backward")

@@ -19,6 +19,7 @@ import torch
 
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.norm import BatchStatsNorm, MixedStatsNorm, convert_norm
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
 
@@ -51,3 +52,6 @@ class BNAdapt(AdaptedModel):
     @torch.no_grad()
     def step(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def minimal_passes(self) -> Passes:
+        return Passes(1, 0, "one forward: each layer's batch statistics come from the same pass")

@@ -38,6 +38,7 @@ from typing import ClassVar
 import torch
 
 from testtime.adapt.components.features import FeatureTap
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.source_stats import (
     ClassFeatureStats,
@@ -122,3 +123,7 @@ class CAFA(GradientMethod):
             loss = class_aware_alignment_loss(dist, logits.argmax(1).detach()).mean()
             self.backward_and_step(loss, x.shape[0])
         return logits
+
+    def minimal_passes(self) -> Passes:
+        s = self.config.steps
+        return Passes(s, s, "per step one forward gives features, pseudo-labels and prediction; one backward")

@@ -31,6 +31,7 @@ Deviations:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ from torch import nn
 
 from testtime.adapt.components.augment import TTAAugment
 from testtime.adapt.components.losses import cross_entropy_soft
+from testtime.adapt.components.passes import Passes, new_tally, per_image
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.teacher import ema_update, frozen_copy, stochastic_restore
 from testtime.adapt.config import OptimConfig
@@ -72,11 +74,19 @@ class AugmentedTeacherMixin:
     anchor: nn.Module
     rng: torch.Generator
     augment: TTAAugment
+    n_images: torch.Tensor
+    tally: Counter[str]
+    TEACHER_WHY = (
+        "per step one trained student forward and one backward, one no-grad anchor forward (its "
+        "confidence decides), then either one teacher forward or, when the anchor is unsure, "
+        "teacher forwards of n_augment augmented views (never both)"
+    )
 
     def build_teacher_and_anchor(self) -> None:
         self.teacher = frozen_copy(self.model)
         self.anchor = frozen_copy(self.model)
         self.augment = TTAAugment()
+        self.tally = new_tally()  # "augmented": images whose pseudo-labels averaged augmented views
 
     def counted_networks(self) -> list[nn.Module]:
         return [self.model, self.teacher, self.anchor]
@@ -87,7 +97,12 @@ class AugmentedTeacherMixin:
         confidence = self.anchor(x).softmax(1).amax(1).mean()
         if confidence >= threshold:
             return self.teacher(x)
+        self.tally["augmented"] += x.shape[0]
         return torch.stack([self.teacher(self.augment(x, self.rng)) for _ in range(n_augment)]).mean(0)
+
+    def teacher_passes(self, steps: int, n_augment: int) -> float:
+        """Forward passes per image of the teacher and the anchor over `steps` steps."""
+        return 2 * steps + (n_augment - 1) * per_image(self.n_images, self.tally["augmented"])
 
 
 @register_method
@@ -116,3 +131,7 @@ class CoTTA(AugmentedTeacherMixin, GradientMethod):
             ema_update(self.teacher, self.model, cfg.ema_momentum)
             stochastic_restore(self.model, source, cfg.restore_prob, self.rng)
         return target
+
+    def minimal_passes(self) -> Passes:
+        s = self.config.steps
+        return Passes(s + self.teacher_passes(s, self.config.n_augment), s, self.TEACHER_WHY)

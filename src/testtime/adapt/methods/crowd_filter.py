@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from testtime.adapt.components.losses import entropy
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.selection import CrowdFilterMixin
 from testtime.adapt.methods.tent import Tent, TentConfig
 from testtime.adapt.registry import register_method
@@ -60,3 +61,9 @@ class CrowdFilterTent(CrowdFilterMixin, Tent):
             if keep.any():
                 self.backward_and_step(entropy(logits)[keep].mean(), x.shape[0])
         return logits
+
+    def minimal_passes(self) -> Passes:
+        s = self.config.steps
+        return Passes(
+            1 + s, s, "Tent's forward and backward per step, plus one forward of the frozen source copy"
+        )

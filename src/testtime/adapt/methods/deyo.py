@@ -44,6 +44,7 @@ import torch
 
 from testtime.adapt.components.losses import entropy
 from testtime.adapt.components.optim import build_optimizer
+from testtime.adapt.components.passes import Passes, per_image
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.selection import (
     SelectionConfig,
@@ -126,3 +127,12 @@ class DeYO(GradientMethod):
                 loss = e * coeff
             self.backward_and_step(loss.mean(), x.shape[0])
         return logits
+
+    def minimal_passes(self) -> Passes:
+        s = self.config.steps
+        return Passes(
+            s + per_image(self.n_images, int(self.n_reliable)),
+            s,
+            "per step one forward (entropy, PLPD reference, prediction) and one backward; plus a "
+            "no-grad forward of the shuffled copies of the entropy-reliable samples only",
+        )

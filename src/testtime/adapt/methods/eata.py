@@ -50,6 +50,7 @@ import torch
 from testtime.adapt.components.features import find_classifier
 from testtime.adapt.components.fisher import QuadraticAnchor, fisher_diagonal, pseudo_label_loss
 from testtime.adapt.components.losses import entropy
+from testtime.adapt.components.passes import Passes, new_tally, per_image
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.selection import (
     CrowdFilterMixin,
@@ -135,6 +136,15 @@ class ETA(CrowdFilterMixin, GradientMethod):
                 self.backward_and_step(loss, x.shape[0])
         return logits
 
+    def minimal_passes(self) -> Passes:
+        s, crowd = self.config.steps, self.crowd is not None
+        return Passes(
+            s + crowd,
+            s,
+            "per step one forward gives the entropies, the selection and the prediction; one backward "
+            "when a sample is selected" + ("; plus one forward of the frozen source copy" if crowd else ""),
+        )
+
 
 @register_method
 class EATA(ETA):
@@ -152,6 +162,7 @@ class EATA(ETA):
         self.anchor = QuadraticAnchor(self.named, {n: torch.zeros_like(p) for n, p in self.named.items()})
         self.register_buffer("fisher_batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("fisher_needed", torch.zeros((), dtype=torch.long))  # test samples still to use
+        self.tally = new_tally()  # "fisher": test images whose batch gave a Fisher estimate
         if c.fisher_alpha == 0:
             return
         if self.source_data is not None:
@@ -178,8 +189,15 @@ class EATA(ETA):
         )
         self.fisher_batches += 1
         self.n_backward += logits.shape[0]
+        self.tally["fisher"] += logits.shape[0]
         self.fisher_needed.sub_(logits.shape[0]).clamp_(min=0)
         return int(self.fisher_needed) == 0
+
+    def minimal_passes(self) -> Passes:
+        eta = super().minimal_passes()
+        fisher = per_image(self.n_images, self.tally["fisher"])
+        why = "; the Fisher backward of the first test batch(es) (no source data), sharing their forward"
+        return Passes(eta.forward, eta.backward + fisher, eta.why + (why if fisher else ""))
 
     def penalty(self) -> torch.Tensor | float:
         if self.config.fisher_alpha == 0:

@@ -33,6 +33,7 @@ import torch
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.feature_memory import knn_affinity, laplacian_assignment
 from testtime.adapt.components.features import FeatureTap
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
 
@@ -75,3 +76,6 @@ class LAME(AdaptedModel):
         kernel = knn_affinity(torch.nn.functional.normalize(feats, dim=1), self.config.knn)
         c = self.config
         return laplacian_assignment(log_probs, kernel, c.weight, c.max_steps, c.tol)
+
+    def minimal_passes(self) -> Passes:
+        return Passes(1, 0, "one forward gives features (kNN graph) and logits; the correction is on outputs")

@@ -44,6 +44,7 @@ from testtime.adapt.components.losses import marginal_entropy
 from testtime.adapt.components.norm import MixedStatsNorm, convert_norm
 from testtime.adapt.components.optim import build_optimizer
 from testtime.adapt.components.params import select_params
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.config import OptimConfig
 from testtime.adapt.registry import register_method
@@ -126,3 +127,12 @@ class MEMO(GradientMethod):
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.adapt_one(img) for img in x])
+
+    def minimal_passes(self) -> Passes:
+        views = self.config.steps * self.config.n_augmentations
+        return Passes(
+            views + 1,
+            views,
+            "per image and step a forward and backward of every augmented view, then one forward "
+            "of the image with the updated weights (the prediction)",
+        )

@@ -46,6 +46,7 @@ import torch
 
 from testtime.adapt.components.fisher import QuadraticAnchor
 from testtime.adapt.components.losses import cross_entropy_soft
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.teacher import ema_update
 from testtime.adapt.config import OptimConfig
@@ -138,3 +139,7 @@ class PETAL(AugmentedTeacherMixin, GradientMethod):
             ema_update(self.teacher, self.model, cfg.ema_momentum)
             self._restore()
         return target
+
+    def minimal_passes(self) -> Passes:
+        s = self.config.steps
+        return Passes(s + self.teacher_passes(s, self.config.n_augment), s, self.TEACHER_WHY)

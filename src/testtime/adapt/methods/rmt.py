@@ -63,6 +63,7 @@ from testtime.adapt.components.consistency import (
 )
 from testtime.adapt.components.features import FeatureTap, find_classifier
 from testtime.adapt.components.losses import symmetric_cross_entropy
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.teacher import ema_update, frozen_copy
 from testtime.adapt.config import OptimConfig
@@ -189,3 +190,14 @@ class RMT(GradientMethod):
             self.backward_and_step(loss, n_back)
             ema_update(self.teacher, self.model, cfg.ema_momentum)
         return logits + teacher
+
+    def minimal_passes(self) -> Passes:
+        s, cfg = self.config.steps, self.config
+        src = self.source_data is not None and cfg.lambda_ce_src > 0
+        return Passes(
+            (3 + src) * s,
+            (2 + src) * s,
+            "per step student forwards of the batch and of its augmented copy (both trained), one "
+            "no-grad teacher forward"
+            + ("; plus a trained forward of an equally large source batch" if src else ""),
+        )

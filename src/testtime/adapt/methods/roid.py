@@ -54,6 +54,7 @@ from testtime.adapt.components.consistency import (
 )
 from testtime.adapt.components.features import find_classifier
 from testtime.adapt.components.losses import soft_likelihood_ratio, symmetric_cross_entropy
+from testtime.adapt.components.passes import Passes, new_tally, per_image
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.config import OptimConfig
 from testtime.adapt.registry import register_method
@@ -98,6 +99,7 @@ class ROID(GradientMethod):
         self.source_weights = SourceWeights(self.params)
         self.register_buffer("class_probs_ema", torch.full((fc.out_features,), 1.0 / fc.out_features))
         self.augment = TTAAugment(gaussian_std=0.0)
+        self.tally = new_tally()  # "consistency": kept samples whose augmented view was trained on
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -118,6 +120,17 @@ class ROID(GradientMethod):
                     aug = self.model(self.augment(x[keep], self.rng))
                     loss = loss + (symmetric_cross_entropy(aug, logits[keep]) * weights[keep]).sum() / n
                     n_back += aug.shape[0]
+                    self.tally["consistency"] += aug.shape[0]
                 self.backward_and_step(loss, n_back)
             self.source_weights.ensemble_(self.params, cfg.momentum_src)
         return prior_correction(logits) if cfg.use_prior_correction else logits
+
+    def minimal_passes(self) -> Passes:
+        s, aug = self.config.steps, per_image(self.n_images, self.tally["consistency"])
+        return Passes(
+            s + aug,
+            s + aug,
+            "per step one trained forward (loss, weights and prediction) and its backward; the "
+            "consistency loss adds a trained forward + backward of augmented views of the kept "
+            "(diverse) samples only",
+        )

@@ -46,6 +46,7 @@ from testtime.adapt.components.features import find_classifier
 from testtime.adapt.components.losses import cross_entropy_soft
 from testtime.adapt.components.memory import CategoryBalancedMemory, timeliness_weights
 from testtime.adapt.components.norm import EMAStatsNorm
+from testtime.adapt.components.passes import Passes, new_tally, per_image
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.teacher import frozen_copy
 from testtime.adapt.config import OptimConfig
@@ -135,6 +136,7 @@ class RoTTA(GradientMethod):
         )
         self.register_buffer("n_seen", torch.zeros((), dtype=torch.long))
         self.augment = TTAAugment()
+        self.tally = new_tally()  # "replayed": memory samples trained on (summed over updates)
 
     def counted_networks(self) -> list[nn.Module]:
         return [self.model, self.teacher]
@@ -152,6 +154,16 @@ class RoTTA(GradientMethod):
                 self.update_model()
         return logits
 
+    def minimal_passes(self) -> Passes:
+        replayed = per_image(self.n_images, self.tally["replayed"])
+        return Passes(
+            1 + 2 * replayed,
+            replayed,
+            "one no-grad teacher forward per test image (prediction, memory pseudo-label); every "
+            "update_frequency images a teacher forward of the memory (targets) and a trained student "
+            "forward + backward of its augmented copy",
+        )
+
     def update_model(self) -> None:
         data, ages = self.memory.contents()
         if len(data):
@@ -160,4 +172,5 @@ class RoTTA(GradientMethod):
             student = self.model(self.augment(data, self.rng))
             loss = (cross_entropy_soft(student, target) * timeliness_weights(ages)).mean()
             self.backward_and_step(loss, len(data))
+            self.tally["replayed"] += len(data)
         ema_(*trainable_pairs(self.teacher, self.model), 1 - self.config.nu)

@@ -51,6 +51,7 @@ import torch
 
 from testtime.adapt.components.losses import entropy
 from testtime.adapt.components.optim import build_optimizer
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.sam import SharpnessAware, sam_update, zero_grad_step
 from testtime.adapt.components.selection import (
@@ -123,6 +124,16 @@ class SAR(CrowdFilterMixin, GradientMethod):
                 self.update_ema(second[0])
             self.recover_if_collapsed()
         return logits
+
+    def minimal_passes(self) -> Passes:
+        s, crowd = self.config.steps, self.crowd is not None
+        return Passes(
+            2 * s + crowd,
+            2 * s,
+            "SAM per step: forward and backward at w (entropy, selection, prediction), then at the "
+            "perturbed w + e(w); both on the whole batch, whose statistics the BN layers use"
+            + ("; plus one forward of the frozen source copy" if crowd else ""),
+        )
 
     def second_loss(
         self, x: torch.Tensor, reliable: torch.Tensor, margin: float, record: list[float]

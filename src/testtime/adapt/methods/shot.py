@@ -52,6 +52,7 @@ from testtime.adapt.components.features import FeatureTap
 from testtime.adapt.components.losses import information_maximization
 from testtime.adapt.components.norm import BatchStatsNorm, convert_norm
 from testtime.adapt.components.optim import build_optimizer
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.config import OptimConfig
 from testtime.adapt.registry import register_method
@@ -136,3 +137,7 @@ class SHOT(GradientMethod):
                 loss = loss + cfg.cls_par * F.cross_entropy(logits, targets)
             self.backward_and_step(loss, x.shape[0])
         return logits
+
+    def minimal_passes(self) -> Passes:
+        s = self.config.steps
+        return Passes(s, s, "per step one forward gives features, logits and prediction; one backward")

@@ -8,6 +8,7 @@ import torch
 
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.norm import SourceNorm, batchnorm_layers, convert_norm
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
 
@@ -33,3 +34,6 @@ class Source(AdaptedModel):
     @torch.no_grad()
     def step(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def minimal_passes(self) -> Passes:
+        return Passes(1, 0, "one inference forward")

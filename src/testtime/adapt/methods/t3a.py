@@ -32,6 +32,7 @@ from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.feature_memory import ClassSupportSet
 from testtime.adapt.components.features import FeatureTap
 from testtime.adapt.components.losses import entropy
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
 
@@ -68,3 +69,6 @@ class T3A(AdaptedModel):
         feats, logits = self.tap(self.model, x)
         self.supports.add(feats, logits.argmax(1), entropy(logits))
         return feats @ self.supports.prototypes().T
+
+    def minimal_passes(self) -> Passes:
+        return Passes(1, 0, "one forward gives features and pseudo-labels; prototypes are updated from them")

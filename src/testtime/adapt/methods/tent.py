@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from testtime.adapt.components.losses import entropy
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.config import OptimConfig
 from testtime.adapt.registry import register_method
@@ -54,3 +55,7 @@ class Tent(GradientMethod):
             logits = self.model(x)
             self.backward_and_step(entropy(logits).mean(), x.shape[0])
         return logits
+
+    def minimal_passes(self) -> Passes:
+        s = self.config.steps
+        return Passes(s, s, "per step one forward gives the loss (and the prediction), one backward")

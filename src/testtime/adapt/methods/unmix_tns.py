@@ -34,6 +34,7 @@ import torch
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.norm import convert_norm
 from testtime.adapt.components.norm_mixture import UnMixNorm
+from testtime.adapt.components.passes import Passes
 from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
 
@@ -83,3 +84,6 @@ class UnMixTNS(AdaptedModel):
     @torch.no_grad()
     def step(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def minimal_passes(self) -> Passes:
+        return Passes(1, 0, "one forward: the statistics components are mixed and updated inside it")
