@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from testtime.data.cifar import load_embedded_cifar10
+from testtime.utils import state_digest
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -47,21 +47,6 @@ def source_model():
     return load_model()
 
 
-def _feed(h, v) -> None:
-    if isinstance(v, torch.Tensor):
-        h.update(str(v.dtype).encode() + str(tuple(v.shape)).encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(v, dict):
-        for k in sorted(v, key=str):
-            h.update(str(k).encode())
-            _feed(h, v[k])
-    elif isinstance(v, (list, tuple)):
-        for item in v:
-            _feed(h, item)
-    else:
-        h.update(repr(v).encode())
-
-
 def state_hash(module: torch.nn.Module) -> str:
     """sha256 over every parameter, buffer and extra state (names, dtypes, shapes, values).
 
@@ -70,9 +55,7 @@ def state_hash(module: torch.nn.Module) -> str:
     """
     from testtime.adapt.base import AdaptedModel
 
-    h = hashlib.sha256()
-    _feed(h, {k: v for k, v in module.state_dict().items() if k not in AdaptedModel.COUNTERS})
-    return h.hexdigest()
+    return state_digest(module, exclude=AdaptedModel.COUNTERS)
 
 
 def to_batch(x: np.ndarray) -> torch.Tensor:

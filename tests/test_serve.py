@@ -27,7 +27,7 @@ from testtime.data.cifar import CIFAR10_CLASSES  # noqa: E402
 from testtime.errors import ModelError  # noqa: E402
 from testtime.models.zoo import build_model, load_model  # noqa: E402
 from testtime.serve import BackgroundServer, create_app, encode_npy, uint8_to_batch  # noqa: E402
-from testtime.serve_check import state_digest  # noqa: E402
+from testtime.utils import state_digest  # noqa: E402
 
 NPY = {"Content-Type": "application/x-npy"}
 

@@ -10,7 +10,6 @@ fresh copy of the method replaying the same batches in `seq` order ends in a bit
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import time
@@ -19,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from testtime.errors import ConfigError
 from testtime.serve import REQUEST_ID, BackgroundServer, create_app, encode_npy, uint8_to_batch
-from testtime.utils import atomic_write_json, env_info
+from testtime.utils import atomic_write_json, env_info, state_digest
 
 
 @dataclass
@@ -46,28 +44,6 @@ class CheckConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.time_limit_s > 0:
             raise ConfigError(f"--time-limit must be > 0 seconds, got {self.time_limit_s}")
-
-
-def _feed(h: Any, v: Any) -> None:
-    if isinstance(v, torch.Tensor):
-        h.update(f"{v.dtype}{tuple(v.shape)}".encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(v, dict):
-        for k in sorted(v, key=str):
-            h.update(str(k).encode())
-            _feed(h, v[k])
-    elif isinstance(v, (list, tuple)):
-        for item in v:
-            _feed(h, item)
-    else:
-        h.update(repr(v).encode())
-
-
-def state_digest(module: torch.nn.Module) -> str:
-    """sha256 over the whole `state_dict()`: parameters, buffers (counters too) and extra state."""
-    h = hashlib.sha256()
-    _feed(h, dict(module.state_dict()))
-    return h.hexdigest()
 
 
 def _client(url: str, jobs: queue.Queue, payloads: list[bytes], results: list, deadline: float) -> None:

@@ -8,6 +8,7 @@ import os
 import platform
 import random
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,26 @@ def env_info() -> dict[str, str]:
         "processor": platform.processor() or platform.machine(),
         "torch_threads": str(torch.get_num_threads()),
     }
+
+
+def _feed_digest(h: Any, v: Any) -> None:
+    if isinstance(v, torch.Tensor):
+        h.update(f"{v.dtype}{tuple(v.shape)}".encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(v, dict):
+        for k in sorted(v, key=str):
+            h.update(str(k).encode())
+            _feed_digest(h, v[k])
+    elif isinstance(v, (list, tuple)):
+        for item in v:
+            _feed_digest(h, item)
+    else:
+        h.update(repr(v).encode())
+
+
+def state_digest(module: torch.nn.Module, exclude: Collection[str] = ()) -> str:
+    """sha256 over a module's whole `state_dict()` (names, dtypes, shapes, values, extra state),
+    leaving out the keys in `exclude`."""
+    h = hashlib.sha256()
+    _feed_digest(h, {k: v for k, v in module.state_dict().items() if k not in exclude})
+    return h.hexdigest()

@@ -293,6 +293,10 @@ def imagenet_c_root(data: str) -> str:
 
 
 DEFAULT_SOURCE_SAMPLES = 2000  # for methods that cannot run without source data
+CIFAR_TRAIN = {  # dataset: (name, finder, loader, files to put under $TESTTIME_DATA)
+    "cifar10": ("CIFAR-10", find_cifar10, load_cifar10, "cifar10_jpeg.npz or cifar-10-batches-py"),
+    "cifar100": ("CIFAR-100", find_cifar100, load_cifar100, "cifar-100-python"),
+}
 
 
 def source_data(cell: Cell) -> ImageSet | None:
@@ -301,22 +305,15 @@ def source_data(cell: Cell) -> ImageSet | None:
     n = cell.source_samples or (DEFAULT_SOURCE_SAMPLES if needs else 0)
     if n <= 0:
         return None
-    if cell.dataset == "cifar10":
+    if cell.dataset in CIFAR_TRAIN:
+        name, find, load, files = CIFAR_TRAIN[cell.dataset]
         path = None if cell.data in ("embedded", "auto") else cell.data
-        if find_cifar10(path) is None:
+        if find(path) is None:
             raise ConfigError(
-                f"{cell.method} needs source (training) images, but the CIFAR-10 training set was not found; "
-                "put cifar10_jpeg.npz or cifar-10-batches-py under $TESTTIME_DATA (or pass --data PATH)"
+                f"{cell.method} needs source (training) images, but the {name} training set was not found; "
+                f"put {files} under $TESTTIME_DATA (or pass --data PATH)"
             )
-        train = load_cifar10("train", path)
-    elif cell.dataset == "cifar100":
-        path = None if cell.data in ("embedded", "auto") else cell.data
-        if find_cifar100(path) is None:
-            raise ConfigError(
-                f"{cell.method} needs source (training) images, but the CIFAR-100 training set was not "
-                "found; put cifar-100-python under $TESTTIME_DATA (or pass --data PATH)"
-            )
-        train = load_cifar100("train", path)
+        train = load("train", path)
     elif cell.dataset == "imagenet_c":
         raise ConfigError(
             f"{cell.method} is given source (training) images here, which testtime does not load for "
