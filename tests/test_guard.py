@@ -128,7 +128,7 @@ def test_restore_to_last_good_snapshot(source_model, noisy_stream):
     assert a.counters()["restores"] >= 1
     assert a.guard_events[0]["restored"] == "last_good"
     # restored weights are an earlier drifted state, not the source
-    assert float(a.model.fc.bias[0] - source_model.fc.bias[0]) > 0
+    assert float(a.model.fc.bias[0].detach() - source_model.fc.bias[0].detach()) > 0
 
 
 def test_guard_state_round_trips(source_model, noisy_stream, tmp_path):

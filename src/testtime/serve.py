@@ -69,6 +69,12 @@ def encode_npy(x: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# numpy parses .npy headers with ast.literal_eval; CPython 3.11's parser is not safe to run from
+# several threads at once (seen here as "SystemError: AST constructor recursion depth mismatch"
+# under concurrent requests), so header parsing is serialised (it is microseconds of work).
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def parse_npy(body: bytes, input_shape: tuple[int, int, int], max_batch: int) -> torch.Tensor:
     """Validate a `.npy` body and return the float batch; the header is checked before any allocation."""
     c, h, w = input_shape
@@ -76,12 +82,13 @@ def parse_npy(body: bytes, input_shape: tuple[int, int, int], max_batch: int) ->
     f = io.BytesIO(body)
     try:
         version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
+        if version not in ((1, 0), (2, 0)):
             raise BadInput(f".npy format version {version} is not supported (use 1.0 or 2.0)")
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        with _NPY_HEADER_LOCK:
+            shape, fortran, dtype = read_header(f)
     except (ValueError, EOFError) as e:
         raise BadInput(f"body is not a valid .npy array ({e})") from None
     if dtype.hasobject or not (dtype == np.uint8 or (dtype.kind == "f" and dtype.itemsize == 4)):
