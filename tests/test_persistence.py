@@ -19,8 +19,8 @@ from testtime.errors import ModelError
 METHODS = list_methods()
 BATCH = 16
 BATCH_OF = {"memo": 2}  # MEMO adapts on each image separately
-N_FIRST = 3
-N_TOTAL = 6
+N_FIRST = 5
+N_TOTAL = 10  # as the issue asks: 5 batches, save, reload in a new object, 5 more == 10 straight
 
 # Tiny settings for slow methods, and settings that make infrequent updates happen within the run.
 OVERRIDES: dict[str, dict] = {
