@@ -133,3 +133,14 @@ def test_speed_suite_output_schema(tmp_path, monkeypatch):
     run_suite("speed", SuiteArgs(methods=["source"]), tmp_path, ExecOptions(threads=1))
     assert [m["method"] for m in json.loads((out / "speed.json").read_text())["methods"]] == ["source"]
     assert len(list((out / "cells").glob("*.json"))) == 1
+
+
+def test_speed_bf16_suite_runs_every_method_under_autocast(tmp_path, monkeypatch):
+    cells = SUITES["speed_bf16"].build(SuiteArgs(methods=["source", "tent"], seeds=[0]))
+    assert [dict(c.overrides) for c in cells] == [{"amp": "bf16"}, {"amp": "bf16"}]
+    monkeypatch.setattr(speed, "CORRUPTIONS", ("gaussian_noise",))
+    monkeypatch.setattr(speed, "PER_DOMAIN", 8)
+    monkeypatch.setattr(speed, "BATCH_SIZE", 8)
+    out = run_suite("speed_bf16", SuiteArgs(methods=["tent"]), tmp_path, ExecOptions(threads=1))
+    (m,) = json.loads((out / "speed.json").read_text())["methods"]
+    assert m["method"] == "tent" and m["n_images"] == 8 and m["backward_per_image"] == 1

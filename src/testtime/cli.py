@@ -162,7 +162,14 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     sargs = SuiteArgs(seeds=_seeds(args.seed), data=args.data, methods=_split(args.method) or None)
     opts = ExecOptions(device=args.device, threads=args.threads, cache_dir=args.cache_dir)
     out_dir = run_suite(
-        args.suite, sargs, args.out, opts, jobs=args.jobs, backend=args.backend, console=console
+        args.suite,
+        sargs,
+        args.out,
+        opts,
+        jobs=args.jobs,
+        backend=args.backend,
+        console=console,
+        ray_address=args.ray_address,
     )
     print_error_table(Path(out_dir), Console())
     console.print(f"results: {out_dir}/ (results.csv, summary.md, plots)")
@@ -442,8 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--method", "-m", action="append", help="restrict to these methods")
     bn.add_argument("--data", default="auto", help="clean CIFAR-10 for full-data suites: auto or a path")
     bn.add_argument("--out", default="results/bench", help="results root; the suite writes to OUT/SUITE")
-    bn.add_argument("--jobs", "-j", type=int, default=1, help="parallel worker processes (local backend)")
-    bn.add_argument("--backend", default="local", choices=["local"], help="where cells run")
+    bn.add_argument("--jobs", "-j", type=int, default=1, help="parallel workers (pool, or local Ray CPUs)")
+    bn.add_argument(
+        "--backend",
+        default="local",
+        choices=["local", "ray"],
+        help="where cells run: a local process pool, or one Ray task per cell (needs testtime[ray])",
+    )
+    bn.add_argument(
+        "--ray-address",
+        help="Ray cluster for --backend ray (None: $RAY_ADDRESS if set, else start a local Ray instance)",
+    )
     bn.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N] or mps")
     bn.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / jobs)")
     bn.add_argument("--cache-dir", help="where generated corruptions are cached")
@@ -498,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--time-limit", type=float, default=600.0, help="seconds before the clients stop")
     sc.add_argument("--out", default="results/serve-check", help="directory of serve_check.json")
     sc.set_defaults(func=cmd_serve_check)
+
+    from testtime.scale.cli import add_parser as add_scale_parser
+
+    add_scale_parser(sub)
 
     rp = sub.add_parser("report", help="re-render tables and plots of a results directory")
     rp.add_argument("results_dir")

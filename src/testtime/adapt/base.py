@@ -327,9 +327,12 @@ class AdaptedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.check_input(x)
         x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.step(x)
-        if self.guard is not None:
-            logits = self._guard_step(x, logits)
+        amp = getattr(self.config, "amp", "off") == "bf16"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = self.step(x)
+            if self.guard is not None:
+                logits = self._guard_step(x, logits)
+        logits = logits.float()
         self.n_batches += 1
         self.n_images += x.shape[0]
         return logits.detach()

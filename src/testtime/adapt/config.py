@@ -28,6 +28,9 @@ class MethodConfig:
     guard_restore: str = "source"  # source | last_good
     guard_snapshot_every: int = 100  # batches between healthy snapshots (last_good)
     guard_reset_every: int = 0  # restore the source every this many batches (RDumb); 0: never
+    # mixed precision of the method's forward and backward passes: off | bf16 (torch.autocast; weights,
+    # statistics and optimiser state stay float32; predictions are returned as float32)
+    amp: str = "off"
 
     def validate(self) -> None:
         """Raise ConfigError on an invalid value; subclasses extend `checks()`."""
@@ -45,6 +48,7 @@ class MethodConfig:
             ("guard_restore", self.guard_restore in ("source", "last_good"), "must be source or last_good"),
             ("guard_snapshot_every", self.guard_snapshot_every >= 1, "must be >= 1"),
             ("guard_reset_every", self.guard_reset_every >= 0, "must be >= 0 (0: never)"),
+            ("amp", self.amp in ("off", "bf16"), "must be off or bf16"),
         ]
 
 

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from testtime.adapt.registry import list_methods
 from testtime.bench.experiment import ExecOptions, execute_cell, prepare_out_dir, run_cells_sequential
+from testtime.bench.ray_backend import import_ray, run_cells_ray
 from testtime.bench.report import render
 from testtime.bench.runner import Cell, write_payload
 from testtime.bench.speed import run_speed, speed_cells, stream_description
@@ -115,6 +116,13 @@ def speed(args: SuiteArgs) -> list[Cell]:
     return speed_cells(_methods(list_methods(), args), args.seeds)
 
 
+def speed_bf16(args: SuiteArgs) -> list[Cell]:
+    """The speed suite with every method's passes under bfloat16 autocast (`amp=bf16`); compare with
+    `speed` on the same machine."""
+    methods = _methods(list_methods(), args)
+    return speed_cells(methods, args.seeds, overrides={m: {"amp": "bf16"} for m in methods})
+
+
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in [
@@ -123,6 +131,14 @@ SUITES: dict[str, Suite] = {
         Suite("scenarios", scenarios.__doc__ or "", scenarios, (0,)),
         Suite("digits", digits.__doc__ or "", digits, (0, 1, 2)),
         Suite("speed", speed.__doc__ or "", speed, (0,), runner=run_speed, describe_data=stream_description),
+        Suite(
+            "speed_bf16",
+            speed_bf16.__doc__ or "",
+            speed_bf16,
+            (0,),
+            runner=run_speed,
+            describe_data=stream_description,
+        ),
     ]
 }
 
@@ -154,6 +170,9 @@ def run_cells_pool(cells: list[Cell], opts: ExecOptions, out_dir: Path, jobs: in
             render(out_dir, plots=False)
 
 
+BACKENDS = ("local", "ray")
+
+
 def run_suite(
     suite_name: str,
     args: SuiteArgs,
@@ -162,8 +181,14 @@ def run_suite(
     jobs: int = 1,
     backend: str = "local",
     console: Console | None = None,
+    ray_address: str | None = None,
 ) -> Path:
-    """Run (or resume) a suite into `out/<suite>`; completed cells are skipped."""
+    """Run (or resume) a suite into `out/<suite>`; completed cells are skipped.
+
+    backend "local": a process pool of `jobs` workers (in this process if jobs is 1); "ray": one Ray
+    task per cell on the cluster at `ray_address` (or $RAY_ADDRESS), else on a local Ray instance
+    with `jobs` CPUs.
+    """
     console = console or Console(stderr=True)
     suite = get_suite(suite_name)
     if not args.seeds:
@@ -184,8 +209,15 @@ def run_suite(
         else f"suite {suite_name} (data={args.data})",
         "model": "per dataset",
     }
-    if backend != "local":
-        raise ConfigError(f"unknown backend {backend!r}; only 'local' is available")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "ray":
+        if suite.runner is not None:
+            raise ConfigError(
+                f"suite {suite_name!r} is measured in one process so its timings compare; "
+                "run it with --backend local"
+            )
+        import_ray()  # a clear error before anything is written
     done = prepare_out_dir(out_dir, identity, meta)
     t0 = time.time()
     if suite.runner is not None:
@@ -200,7 +232,9 @@ def run_suite(
     console.log(
         f"suite {suite_name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run"
     )
-    if jobs > 1 and todo:
+    if backend == "ray" and todo:
+        run_cells_ray(todo, opts, out_dir, jobs, console, address=ray_address)
+    elif jobs > 1 and todo:
         run_cells_pool(todo, opts, out_dir, jobs, console)
     else:
         run_cells_sequential(todo, opts, out_dir, console)

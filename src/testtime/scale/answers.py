@@ -1,0 +1,87 @@
+"""Answer extraction from free text and answer equivalence (exact, numeric, sympy)."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+_NUM = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
+_PATTERNS = [
+    re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}"),
+    re.compile(r"####\s*(" + _NUM + ")"),
+    re.compile(r"(?:final answer|answer)\s*(?:is|:|=)?\s*:?\s*\$?\s*(" + _NUM + ")", re.IGNORECASE),
+]
+_LAST_NUM = re.compile(_NUM)
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer stated in a solution: \\boxed{...}, '#### x', 'answer: x', else the last number."""
+    if not text:
+        return None
+    for pat in _PATTERNS:
+        found = pat.findall(text)
+        if found:
+            return normalise(found[-1])
+    nums = _LAST_NUM.findall(text)
+    return normalise(nums[-1]) if nums else None
+
+
+def normalise(ans: str) -> str:
+    """Canonical text of an answer: trimmed, no thousands separators, no trailing '.', '$' or '%'."""
+    a = ans.strip()
+    for _ in range(2):
+        a = a.strip().strip("$").rstrip(".").strip()
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", a):
+        a = a.replace(",", "")
+    a = a.rstrip("%").strip()
+    if re.fullmatch(r"-?\d+\.0+", a):
+        a = a.split(".")[0]
+    if a == "-0":
+        a = "0"
+    return a
+
+
+def _as_number(a: str) -> Fraction | None:
+    try:
+        return Fraction(a)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def sympy_equal(a: str, b: str) -> bool:
+    """True when the two expressions are mathematically equal (sympy; LaTeX-ish input tolerated)."""
+    try:
+        import sympy
+        from sympy.parsing.sympy_parser import (
+            implicit_multiplication_application,
+            parse_expr,
+            standard_transformations,
+        )
+    except ImportError:  # pragma: no cover - sympy is a dependency of the scale extra
+        return False
+    tr = (*standard_transformations, implicit_multiplication_application)
+
+    def parse(s: str):
+        s = s.replace("\\frac", "").replace("\\left", "").replace("\\right", "").replace("\\cdot", "*")
+        s = re.sub(r"\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
+        s = s.replace("{", "(").replace("}", ")").replace("^", "**").replace("\\", "")
+        return parse_expr(s, transformations=tr, evaluate=True)
+
+    try:
+        diff = sympy.simplify(parse(a) - parse(b))
+        return bool(diff == 0)
+    except Exception:  # parse failures of free text are "not equal", never an error
+        return False
+
+
+def answers_equal(predicted: str | None, gold: str, *, use_sympy: bool = True) -> bool:
+    """Exact match after normalisation, then exact numeric match, then (optionally) sympy equivalence."""
+    if predicted is None:
+        return False
+    p, g = normalise(predicted), normalise(gold)
+    if p == g:
+        return True
+    pn, gn = _as_number(p), _as_number(g)
+    if pn is not None and gn is not None:
+        return pn == gn
+    return use_sympy and sympy_equal(p, g)

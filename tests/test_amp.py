@@ -1,0 +1,35 @@
+"""Mixed precision (`amp="bf16"`): same predictions up to bf16 rounding, float32 state, exact reset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import state_hash
+from testtime.adapt import adapt
+from testtime.errors import ConfigError
+
+
+@pytest.mark.parametrize("method", ["bn", "tent", "eata"])
+def test_bf16_autocast_keeps_float32_state_and_close_predictions(source_model, noisy_stream, method) -> None:
+    x, y = noisy_stream
+    x, y = x[:200], y[:200]
+    full, half = adapt(source_model, method), adapt(source_model, method, amp="bf16")
+    h0 = state_hash(half)
+    err = {}
+    for name, a in (("fp32", full), ("bf16", half)):
+        preds = torch.cat([a(x[i : i + 50]).argmax(1) for i in range(0, len(x), 50)])
+        err[name] = float((preds != y).float().mean())
+    out = half(x[:50])
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert abs(err["fp32"] - err["bf16"]) <= 0.05, err  # bf16 rounding changes a few predictions at most
+    for k, v in half.state_dict().items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            assert v.dtype == torch.float32, k
+    half.reset()
+    assert state_hash(half) == h0
+
+
+def test_amp_values_are_checked(source_model) -> None:
+    with pytest.raises(ConfigError, match="amp"):
+        adapt(source_model, "tent", amp="fp8")

@@ -1,0 +1,397 @@
+"""testtime.scale: answers, problems, verifiers, strategies, allocation and the bench, on a scripted
+generator (deterministic, no model) — the real SmolLM2 path is in test_scale_smollm2.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from testtime.cli import main
+from testtime.errors import ConfigError, DataError
+from testtime.scale.allocation import ComputeOptimal, ComputeOptimalPolicy, pilot_difficulty
+from testtime.scale.answers import answers_equal, extract_answer, normalise, sympy_equal
+from testtime.scale.bench import ScaleBenchConfig, pool_estimates, prepare, run_problems, write_reports
+from testtime.scale.generators import Generator, check_generate_args, cut_at_stop
+from testtime.scale.problems import gsm8k_problems, load_problems, math500_problems, reasoning_gym_problems
+from testtime.scale.strategies import (
+    DVTS,
+    BeamSearch,
+    BestOfN,
+    FirstFinish,
+    Greedy,
+    IterativeDeepening,
+    MajorityVote,
+    Sampling,
+    WeightedVote,
+    make_strategy,
+    select_majority,
+)
+from testtime.scale.types import Candidate, Completion, Problem
+from testtime.scale.verifiers import (
+    ArithmeticStepVerifier,
+    ExactAnswerVerifier,
+    LogprobVerifier,
+    MajorityVerifier,
+    StepVerifier,
+    Verifier,
+    aggregate,
+    make_verifier,
+    split_steps,
+)
+
+
+class ScriptedGenerator:
+    """Answers from a script: `script(prompt, k)` gives the full response of sample k; honours stop strings
+    (one step per call when stop is given), max_new_tokens (1 token = 1 word) and greedy (k = 0 always)."""
+
+    name = "scripted"
+
+    def __init__(self, script: Callable[[str, int], str]) -> None:
+        self.script = script
+        self.calls: list[dict] = []
+
+    def format_chat(self, question: str, system: str | None = None) -> str:
+        return f"Q: {question}\nA:"
+
+    def generate(self, prompts: Sequence[str], n: int = 1, *, max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0, max_time: float | None = None):  # fmt: skip
+        check_generate_args(prompts, n, max_new_tokens, temperature, top_p, max_time)
+        self.calls.append(
+            {"prompts": list(prompts), "n": n, "stop": tuple(stop), "max_new_tokens": max_new_tokens}
+        )
+        out = []
+        for p in prompts:
+            base = p.split("\nA:", 1)[0] + "\nA:"
+            done = p[len(base) :]
+            row = []
+            for k in range(n):
+                kk = 0 if temperature == 0 else k + seed
+                full = self.script(base, kk)
+                if not full.startswith(done):  # continue the prefix like some other sample would
+                    full = next(
+                        (f for f in (self.script(base, kk + j) for j in range(16)) if f.startswith(done)),
+                        done,
+                    )
+                rest = full[len(done) :]
+                text, hit = cut_at_stop(rest, stop)
+                words = text.split(" ")
+                reason = "stop" if hit else "eos"
+                if len(words) > max_new_tokens:
+                    text, reason = " ".join(words[:max_new_tokens]), "length"
+                ntok = max(1, len(text.split(" ")))
+                row.append(Completion(text, ntok, reason, [-0.1 * (k % 3 + 1)] * ntok, 0.001))
+            out.append(row)
+        return out
+
+
+def arithmetic_script(answers: dict[int, str]) -> Callable[[str, int], str]:
+    """Sample k writes '2 + 3 = <v>' then 'Answer: <v>' with v = answers.get(k % 8, '5')."""
+
+    def script(prompt: str, k: int) -> str:
+        v = answers.get(k % 8, "5")
+        return f"2 + 3 = {v}\nAnswer: {v}"
+
+    return script
+
+
+PROBLEM = Problem("p0", "Calculate 2 + 3.", "5")
+
+
+# ---------------------------------------------------------------------------------------------- answers
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [("so \\boxed{42} done", "42"), ("blah #### 1,234", "1234"), ("The answer is -7.", "-7"),
+     ("Answer: 3.0", "3"), ("2 + 3 = 5 and then 6", "6"), ("no digits here", None), ("", None)],
+)  # fmt: skip
+def test_extract_answer(text: str, want: str | None) -> None:
+    assert extract_answer(text) == want
+
+
+def test_answer_equivalence() -> None:
+    assert answers_equal("0.5", "1/2") and answers_equal("1,000", "1000") and answers_equal("-0", "0")
+    assert not answers_equal("2", "3") and not answers_equal(None, "3")
+    assert sympy_equal("2*x + x", "3*x") and sympy_equal("\\frac{1}{2}", "0.5")
+    assert not sympy_equal("x +", "x")  # unparsable: not equal, no exception
+    assert normalise(" $12$. ") == "12"
+
+
+# --------------------------------------------------------------------------------------------- problems
+def test_reasoning_gym_problems_are_seeded_and_scored() -> None:
+    a = reasoning_gym_problems(n=5, seed=3)
+    b = reasoning_gym_problems(n=5, seed=3)
+    c = reasoning_gym_problems(n=5, seed=4)
+    assert [p.question for p in a] == [p.question for p in b] != [p.question for p in c]
+    for p in a:
+        assert p.score(p.answer) == 1.0 and p.score(None) == 0.0
+        assert p.score(str(int(p.answer) + 1)) == 0.0
+    with pytest.raises(ConfigError, match="reasoning-gym task"):
+        reasoning_gym_problems("no_such_task", n=2)
+    with pytest.raises(ConfigError, match="at least one"):
+        reasoning_gym_problems(n=0)
+
+
+def test_jsonl_loaders(tmp_path) -> None:
+    g = tmp_path / "gsm.jsonl"
+    g.write_text(json.dumps({"question": "1+1?", "answer": "add\n#### 2"}) + "\n\n"
+                 + json.dumps({"question": "q", "answer": "#### 1,000"}) + "\n")  # fmt: skip
+    ps = gsm8k_problems(g)
+    assert [p.answer for p in ps] == ["2", "1000"] and ps[0].score("2.0") == 1.0
+    m = tmp_path / "math.jsonl"
+    m.write_text(
+        json.dumps({"problem": "half?", "answer": "\\frac{1}{2}", "level": 2, "unique_id": "u1"}) + "\n"
+    )
+    (p,) = math500_problems(m)
+    assert p.id == "u1" and p.metadata["level"] == 2 and p.score("0.5") == 1.0 and p.score("2") == 0.0
+    assert load_problems(f"gsm8k:{g}", n=1)[0].answer == "2"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: not valid JSON"):
+        gsm8k_problems(bad)
+    bad.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
+    with pytest.raises(DataError, match="####"):
+        gsm8k_problems(bad)
+    bad.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(DataError, match="lacks 'problem'"):
+        math500_problems(bad)
+    with pytest.raises(DataError, match="not found"):
+        gsm8k_problems(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match="unknown problem source"):
+        load_problems("csv:x")
+
+
+# -------------------------------------------------------------------------------------------- verifiers
+def test_arithmetic_step_verifier_never_reads_gold() -> None:
+    v = ArithmeticStepVerifier()
+    assert isinstance(v, StepVerifier) and not v.uses_gold
+    good = Candidate("First 12 + 30 = 42\nthen 42 - 2 = 40\nAnswer: 40", "40", 10)
+    wrong_step = Candidate("12 + 30 = 43\nAnswer: 43", "43", 5)
+    inconsistent = Candidate("12 + 30 = 42\nAnswer: 41", "41", 5)
+    no_math = Candidate("I think so\nAnswer: 40", "40", 5)
+    scores = v.score_steps(Problem("x", "q", "999"), [good, wrong_step, inconsistent, no_math])
+    assert scores[0] == [1.0, 1.0, 0.5, 1.0]
+    assert scores[1][0] == 0.0 and scores[2][-1] == 0.0 and scores[3] == [0.5, 0.5]
+    assert v.score(Problem("x", "q", "999"), [good, wrong_step]) == [0.5, 0.0]  # min over steps
+    assert v.step_score("3 * (2 + 1) = 9") == 1.0 and v.step_score("7 / 2 = 3") == 0.0
+
+
+def test_other_verifiers_and_aggregation() -> None:
+    cands = [Candidate("a", "5", 1, logprobs=[-0.1, -0.1]), Candidate("b", "5", 1, logprobs=[-2.0]),
+             Candidate("c", "4", 1, logprobs=None)]  # fmt: skip
+    assert ExactAnswerVerifier().score(PROBLEM, cands) == [1.0, 1.0, 0.0] and ExactAnswerVerifier.uses_gold
+    lp = LogprobVerifier().score(PROBLEM, cands)
+    assert lp[0] > lp[1] > lp[2] == 0.0
+    assert MajorityVerifier().score(PROBLEM, cands) == pytest.approx([2 / 3, 2 / 3, 1 / 3])
+    assert isinstance(LogprobVerifier(), Verifier)
+    assert aggregate([0.9, 0.2, 0.8], "last") == 0.8 and aggregate([0.9, 0.2, 0.8], "min") == 0.2
+    assert aggregate([0.5, 0.5], "prod") == 0.25 and aggregate([], "min") == 0.0
+    with pytest.raises(ConfigError, match="unknown aggregation"):
+        aggregate([1.0], "max")
+    combo = make_verifier("arith_steps+logprob")
+    assert combo.name == "arith_steps+logprob" and not combo.uses_gold
+    with pytest.raises(ConfigError, match="unknown verifier"):
+        make_verifier("oracle")
+    assert split_steps("a\n\n b \n") == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------------------- strategies
+def test_selection_strategies_on_a_scripted_model() -> None:
+    # samples 0..7 answer 5,5,5,7,7,7,7,9 -> majority 7 (wrong), best-of-N by the arithmetic checker 5
+    gen = ScriptedGenerator(
+        arithmetic_script({0: "5", 1: "5", 2: "5", 3: "7", 4: "7", 5: "7", 6: "7", 7: "9"})
+    )
+    assert isinstance(gen, Generator)
+    v = ArithmeticStepVerifier()
+    maj = MajorityVote(n=8).run(PROBLEM, gen)
+    assert (
+        maj.answer == "7" and maj.n_samples == 8 and maj.n_tokens == sum(c.n_tokens for c in maj.candidates)
+    )
+    assert BestOfN(n=8).run(PROBLEM, gen, v).answer == "5"
+    assert WeightedVote(n=8).run(PROBLEM, gen, v).answer == "5"  # wrong arithmetic votes with weight 0
+    g = Greedy().run(PROBLEM, gen)
+    assert g.answer == "5" and g.n_samples == 1 and gen.calls[-1]["n"] == 1
+    with pytest.raises(ConfigError, match="needs a verifier"):
+        BestOfN(n=2).run(PROBLEM, gen, None)
+    assert select_majority([]) is None
+
+
+def test_first_finish_takes_the_shortest_and_charges_early_stop() -> None:
+    texts = {0: "2 + 3 = 5 and a long long long detour\nAnswer: 5", 1: "Answer: 6", 2: "2 + 3 = 5\nAnswer: 5"}
+    gen = ScriptedGenerator(lambda p, k: texts[k % 3])
+    r = FirstFinish(n=3).run(PROBLEM, gen)
+    assert r.answer == "6"
+    shortest = min(c.n_tokens for c in r.candidates)
+    assert r.n_tokens == 3 * shortest < sum(c.n_tokens for c in r.candidates)
+
+
+def test_beam_search_and_dvts_search_steps_with_the_verifier() -> None:
+    # step 1 is right for even samples, wrong for odd; a step-level verifier must keep the right prefix
+    def script(prompt: str, k: int) -> str:
+        return "2 + 3 = 5\n5 * 2 = 10\nAnswer: 10" if k % 2 == 0 else "2 + 3 = 6\n6 * 2 = 12\nAnswer: 12"
+
+    prob = Problem("q", "Calculate (2 + 3) * 2.", "10")
+    for strat in (BeamSearch(n=4, width=2, max_steps=5), DVTS(n=4, width=2, max_steps=5)):
+        gen = ScriptedGenerator(script)
+        r = strat.run(prob, gen, ArithmeticStepVerifier())
+        assert r.answer == "10", strat.name
+        assert all(c["stop"] == ("\n",) for c in gen.calls[:-1])  # steps end at a newline
+        assert all(len(c["prompts"]) * c["n"] == 4 for c in gen.calls)  # N live expansions per round
+        assert r.n_tokens > 0 and r.info["rounds"] >= 3
+    with pytest.raises(ConfigError, match="step-level verifier"):
+        BeamSearch(n=4).run(prob, ScriptedGenerator(script), MajorityVerifier())
+    # several problems searched together (one generator call per round) give the same results as one by one
+    probs = [prob, Problem("r", "Calculate 2 + 3, then double it.", "10")]
+    for strat in (
+        BeamSearch(n=4, width=2, max_steps=5),
+        DVTS(n=4, width=2, max_steps=5),
+        IterativeDeepening(n=2),
+    ):
+        gen = ScriptedGenerator(script)
+        together = strat.run_many(probs, gen, ArithmeticStepVerifier())
+        calls = len(gen.calls)
+        alone = [strat.run(p, ScriptedGenerator(script), ArithmeticStepVerifier()) for p in probs]
+        assert [(r.answer, r.n_tokens, r.text) for r in together] == [
+            (r.answer, r.n_tokens, r.text) for r in alone
+        ]
+        assert calls == max(r.info["rounds"] for r in together)  # generator calls
+
+
+def test_iterative_deepening_appends_triggers_with_growing_budgets() -> None:
+    long = " ".join(["x"] * 50) + " 2 + 3 = 5 Answer: 5"
+    gen = ScriptedGenerator(lambda p, k: long)
+    r = IterativeDeepening(n=2, b0=8, gamma=2.0, sampling=Sampling(max_new_tokens=40)).run(PROBLEM, gen)
+    budgets = [c["max_new_tokens"] for c in gen.calls]
+    assert budgets == [8, 16, 16]  # 8, then 16, then what is left of 40
+    assert r.candidates[0].text.count("Wait, let me check") == 2
+    assert all(c.n_tokens <= 40 for c in r.candidates)
+    with pytest.raises(ConfigError, match="b0"):
+        IterativeDeepening(b0=0).run(PROBLEM, gen)
+
+
+def test_make_strategy_errors() -> None:
+    assert make_strategy("majority", n=3).n == 3
+    with pytest.raises(ConfigError, match="unknown strategy"):
+        make_strategy("mcts")
+    with pytest.raises(ConfigError, match="no option"):
+        make_strategy("majority", beams=3)
+    with pytest.raises(ConfigError, match="positive integer"):
+        make_strategy("best_of_n", n=0)
+
+
+def test_generate_arguments_are_checked() -> None:
+    gen = ScriptedGenerator(arithmetic_script({}))
+    for kw, msg in [({"n": 0}, "n must be"), ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                    ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_time": 0.0}, "max_time")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=msg):
+            gen.generate(["p"], **kw)
+    with pytest.raises(DataError, match="no prompts"):
+        gen.generate([])
+    with pytest.raises(ConfigError, match="list of strings"):
+        gen.generate("p")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="must be a string"):
+        gen.generate([1])  # type: ignore[list-item]
+    assert gen.calls == []
+
+
+# ------------------------------------------------------------------------------------------- allocation
+def test_compute_optimal_policy_spends_where_it_pays() -> None:
+    rows = []
+    for i in range(20):
+        hard = i >= 10
+        rows += [{"problem": i, "difficulty": 0.6 if hard else 0.0, "strategy": "greedy", "n": 1,
+                  "correct": 0.0 if hard else 1.0, "tokens": 10},
+                 {"problem": i, "difficulty": 0.6 if hard else 0.0, "strategy": "majority", "n": 8,
+                  "correct": 1.0, "tokens": 80}]  # fmt: skip
+    pol = ComputeOptimalPolicy(n_bins=2).fit(rows)
+    assert pol.choose(0.0, 100) == ("greedy", 1)  # easy: equal accuracy, cheaper wins
+    assert pol.choose(0.6, 100) == ("majority", 8)  # hard: worth the samples
+    assert pol.choose(0.6, 20) == ("greedy", 1)  # over budget: best that fits
+    assert pol.choose(0.6, 1) == ("greedy", 1)  # nothing fits: the cheapest
+    with pytest.raises(ConfigError, match="not fitted"):
+        ComputeOptimalPolicy().choose(0.1, 10)
+    assert pilot_difficulty(
+        [Candidate("", "1", 1), Candidate("", "1", 1), Candidate("", "2", 1)]
+    ) == pytest.approx(1 / 3)
+    assert pilot_difficulty([Candidate("", None, 1)]) == 1.0
+    gen = ScriptedGenerator(arithmetic_script({0: "5", 1: "6", 2: "7", 3: "8"}))  # pilot disagrees: hard
+    r = ComputeOptimal(pol, budget_tokens=500, pilot_n=4).run(PROBLEM, gen)
+    assert r.info["chosen"] == "majority@8" and r.n_samples == 12
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def _bench_cfg(**kw) -> ScaleBenchConfig:
+    return ScaleBenchConfig(problems="gym:basic_arithmetic", n_problems=6, max_n=4, subsets=8, search_ns=[2, 4],
+                            search=["beam_search", "dvts", "iterative_deepening"], width=2, max_steps=4,
+                            verifier="arith_steps+logprob", **kw)  # fmt: skip
+
+
+def test_bench_writes_curves_and_resumes_without_regenerating(tmp_path) -> None:
+    problems = reasoning_gym_problems(n=6, seed=0)
+    gold = {p.question.split("Calculate ")[1].split(" Think")[0]: p.answer for p in problems}
+
+    def script(prompt: str, k: int) -> str:  # right for k even, off by one for k odd
+        q = prompt.split("Q: Calculate ")[1].split(" Think")[0]
+        expr = q.rstrip(".")
+        v = int(gold[q]) + (k % 2)
+        return f"{expr} = {v}\nAnswer: {v}"
+
+    cfg = _bench_cfg()
+    prepare(tmp_path, cfg, {"test": "1"})
+    gen = ScriptedGenerator(script)
+    recs = run_problems(problems, gen, make_verifier(cfg.verifier), cfg, tmp_path, chunk=4)
+    assert len(recs) == 6 and len(list((tmp_path / "problems").glob("*.json"))) == 6
+    rows = write_reports(recs, cfg, tmp_path)
+    by = {(r["strategy"], r["n"]): r for r in rows}
+    assert by[("greedy", 1)]["accuracy"] == 100.0  # greedy is sample 0
+    assert by[("pass@n", 4)]["accuracy"] == 100.0
+    assert by[("best_of_n", 4)]["accuracy"] == 100.0  # the arithmetic checker rejects the off-by-one samples
+    assert 0.0 < by[("majority", 1)]["accuracy"] < 100.0
+    assert by[("majority", 4)]["tokens_per_problem"] == pytest.approx(
+        4 * by[("majority", 1)]["tokens_per_problem"]
+    )
+    for k in ("beam_search", "dvts", "iterative_deepening"):
+        assert (k, 2) in by and (k, 4) in by
+    assert any(r["strategy"] == "compute_optimal" for r in rows)
+    for f in ("curves.csv", "per_problem.csv", "summary.md", "accuracy_vs_n.png", "accuracy_vs_tokens.png",
+              "accuracy_vs_seconds.png"):  # fmt: skip
+        assert (tmp_path / f).stat().st_size > 0
+    assert "| majority |" in (tmp_path / "summary.md").read_text()
+    # resume: nothing is generated again
+    gen2 = ScriptedGenerator(script)
+    recs2 = run_problems(problems, gen2, make_verifier(cfg.verifier), cfg, tmp_path)
+    assert gen2.calls == [] and recs2 == recs
+    # a different configuration refuses the directory
+    with pytest.raises(ConfigError, match="different configuration"):
+        prepare(tmp_path, _bench_cfg(seed=1), {})
+
+
+def test_pool_estimates_are_exact_at_full_pool() -> None:
+    rec = {"pool": [{"text": "", "answer": a, "n_tokens": 10, "finished": True, "correct": float(a == "5"),
+                     "score": s} for a, s in [("5", 0.9), ("4", 0.1), ("4", 0.2)]], "pool_seconds": 3.0}  # fmt: skip
+    est = pool_estimates(rec, 3, subsets=5, seed=0)
+    assert est["majority"] == (0.0, 30.0, 3.0) and est["best_of_n"][0] == 1.0 and est["pass@n"][0] == 1.0
+    one = pool_estimates(rec, 1, subsets=200, seed=0)
+    assert one["majority"][0] == pytest.approx(1 / 3, abs=0.1)  # mean over random single samples
+    with pytest.raises(DataError, match="cannot estimate"):
+        pool_estimates(rec, 4, subsets=1, seed=0)
+
+
+def test_bench_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown search"):
+        ScaleBenchConfig(search=["mcts"]).check()
+    with pytest.raises(ConfigError, match=">= 1"):
+        ScaleBenchConfig(max_n=0).check()
+
+
+def test_cli_scale_errors(capsys) -> None:
+    assert main(["scale", "strategies"]) == 0
+    assert "beam_search" in capsys.readouterr().out
+    assert main(["scale", "bench", "--search", "mcts"]) == 2
+    assert "unknown search strategy" in capsys.readouterr().err
+    assert main(["scale", "solve", "   "]) == 2
+    assert "question is empty" in capsys.readouterr().err
+    assert main(["scale", "solve", "2+2?", "--strategy", "nope"]) == 2
+    assert "unknown strategy" in capsys.readouterr().err
+    assert main(["scale", "solve", "2+2?", "--backend", "openai"]) == 2
+    assert "--base-url" in capsys.readouterr().err
