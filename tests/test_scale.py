@@ -169,11 +169,19 @@ def test_arithmetic_step_verifier_never_reads_gold() -> None:
     wrong_step = Candidate("12 + 30 = 43\nAnswer: 43", "43", 5)
     inconsistent = Candidate("12 + 30 = 42\nAnswer: 41", "41", 5)
     no_math = Candidate("I think so\nAnswer: 40", "40", 5)
-    scores = v.score_steps(Problem("x", "q", "999"), [good, wrong_step, inconsistent, no_math])
-    assert scores[0] == [1.0, 1.0, 0.5, 1.0]
-    assert scores[1][0] == 0.0 and scores[2][-1] == 0.0 and scores[3] == [0.5, 0.5]
-    assert v.score(Problem("x", "q", "999"), [good, wrong_step]) == [0.5, 0.0]  # min over steps
-    assert v.step_score("3 * (2 + 1) = 9") == 1.0 and v.step_score("7 / 2 = 3") == 0.0
+    no_answer = Candidate("I think so", None, 3)
+    partial = Candidate("12 + 30 = 43", None, 3, finished=False)
+    prob = Problem("x", "q", "999")
+    scores = v.score_steps(prob, [good, wrong_step, inconsistent, no_math, no_answer, partial])
+    assert scores[0] == [1.0, 1.0, 1.0, 1.0]  # three steps + the final consistency check
+    assert scores[1] == [0.0, 1.0, 1.0] and scores[2][-1] == 0.0
+    assert scores[3] == [1.0, 1.0, 0.5] and scores[4][-1] == 0.0 and scores[5] == [0.0]
+    assert v.score(prob, [good, wrong_step, no_math]) == [1.0, 0.0, 0.5]  # min over steps
+    # spaces, words around the equation, parentheses; text after the number does not hide an error
+    assert v.step_score("1. Add 5 to 33: 5 + 33 = 35") == 0.0
+    assert v.step_score("adding them: 84 + 67 = 15<number>") == 0.0
+    assert v.step_score(" 3 * (2 + 1) = 9 ") == 1.0 and v.step_score("7 / 2 = 3") == 0.0
+    assert v.step_score("no equations here") == 1.0 and v.equations("no equations here") == []
 
 
 def test_other_verifiers_and_aggregation() -> None:
@@ -321,9 +329,10 @@ def test_compute_optimal_policy_spends_where_it_pays() -> None:
 
 # ------------------------------------------------------------------------------------------------ bench
 def _bench_cfg(**kw) -> ScaleBenchConfig:
-    return ScaleBenchConfig(problems="gym:basic_arithmetic", n_problems=6, max_n=4, subsets=8, search_ns=[2, 4],
-                            search=["beam_search", "dvts", "iterative_deepening"], width=2, max_steps=4,
-                            verifier="arith_steps+logprob", **kw)  # fmt: skip
+    base = {"problems": "gym:basic_arithmetic", "n_problems": 6, "max_n": 4, "subsets": 8, "search_ns": [2, 4],
+            "search": ["beam_search", "dvts", "iterative_deepening"], "width": 2, "max_steps": 4,
+            "verifier": "arith_steps+logprob"}  # fmt: skip
+    return ScaleBenchConfig(**{**base, **kw})
 
 
 def test_bench_writes_curves_and_resumes_without_regenerating(tmp_path) -> None:
@@ -364,11 +373,24 @@ def test_bench_writes_curves_and_resumes_without_regenerating(tmp_path) -> None:
     # a different configuration refuses the directory
     with pytest.raises(ConfigError, match="different configuration"):
         prepare(tmp_path, _bench_cfg(seed=1), {})
+    # more search settings only add those: the pools are reused
+    more = _bench_cfg(search=["beam_search"], search_ns=[3])
+    prepare(tmp_path, more, {})
+    saved = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert saved["search_ns"] == [2, 3, 4] and saved["search"] == [
+        "beam_search",
+        "dvts",
+        "iterative_deepening",
+    ]
+    gen3 = ScriptedGenerator(script)
+    recs3 = run_problems(problems, gen3, make_verifier(cfg.verifier), more, tmp_path, chunk=6)
+    assert gen3.calls and all(c["stop"] in ((), ("\n",)) for c in gen3.calls)  # only step-level search calls
+    assert all("beam_search@3" in r["search"] and "dvts@2" in r["search"] for r in recs3)
 
 
 def test_pool_estimates_are_exact_at_full_pool() -> None:
     rec = {"pool": [{"text": "", "answer": a, "n_tokens": 10, "finished": True, "correct": float(a == "5"),
-                     "score": s} for a, s in [("5", 0.9), ("4", 0.1), ("4", 0.2)]], "pool_seconds": 3.0}  # fmt: skip
+                     "confidence": s} for a, s in [("4", 0.1), ("5", 0.9), ("4", 0.2)]], "pool_seconds": 3.0}  # fmt: skip
     est = pool_estimates(rec, 3, subsets=5, seed=0)
     assert est["majority"] == (0.0, 30.0, 3.0) and est["best_of_n"][0] == 1.0 and est["pass@n"][0] == 1.0
     one = pool_estimates(rec, 1, subsets=200, seed=0)

@@ -9,6 +9,7 @@ summary.md, accuracy_vs_n.png, accuracy_vs_tokens.png, accuracy_vs_seconds.png.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -74,8 +75,8 @@ class ScaleBenchConfig:
 
 def _cand_dict(c: Candidate, problem: Problem, verifier: Any) -> dict[str, Any]:
     return {"text": c.text, "answer": c.answer, "n_tokens": c.n_tokens, "finished": c.finished,
-            "correct": problem.score(c.answer), "confidence": (float(np.exp(np.mean(c.logprobs))) if c.logprobs else 0.0),
-            "score": c.score}  # fmt: skip
+            "correct": problem.score(c.answer),
+            "confidence": (float(np.exp(np.mean(c.logprobs))) if c.logprobs else 0.0)}  # fmt: skip
 
 
 def _solve_pools(problems: Sequence[Problem], generator: Any, verifier: Any, cfg: ScaleBenchConfig,
@@ -92,9 +93,6 @@ def _solve_pools(problems: Sequence[Problem], generator: Any, verifier: Any, cfg
     out = []
     for p, g, pool in zip(problems, greedy, pools):
         cands = [to_candidate(c) for c in pool]
-        scores = verifier.score(p, cands)
-        for c, s in zip(cands, scores):
-            c.score = float(s)
         gc = to_candidate(g[0])
         out.append({"greedy": {**_cand_dict(gc, p, verifier), "seconds": t_greedy},
                     "pool": [_cand_dict(c, p, verifier) for c in cands], "pool_seconds": t_pool})  # fmt: skip
@@ -119,57 +117,75 @@ def _search_many(problems: Sequence[Problem], generator: Any, verifier: Any, cfg
 
 def run_problems(problems: Sequence[Problem], generator: Any, verifier: Any, cfg: ScaleBenchConfig, out_dir: Path,
                  progress: Callable[[int, int], None] | None = None, chunk: int = 4) -> list[dict[str, Any]]:  # fmt: skip
-    """Solve (or load from the cache) every problem; returns the per-problem records."""
+    """Solve every problem, reusing what the cache holds: first greedy + the sample pool of every problem,
+    then each search strategy at each N over all problems (so a run with more search settings only adds
+    those). Returns the per-problem records."""
     cache = out_dir / "problems"
     cache.mkdir(parents=True, exist_ok=True)
     sampling = Sampling(**cfg.sampling)
     records: dict[str, dict[str, Any]] = {}
-    todo: list[Problem] = []
     for p in problems:
         f = cache / f"{p.id}.json"
         if f.is_file():
-            try:
+            # a torn file cannot exist (atomic writes) but a hand-edited one might: then it is redone
+            with contextlib.suppress(json.JSONDecodeError):
                 records[p.id] = json.loads(f.read_text())
-                continue
-            except json.JSONDecodeError:
-                pass  # a torn file cannot exist (atomic writes) but a hand-edited one might: redo it
-        todo.append(p)
-    done = len(records)
+    keys = [(name, n) for name in cfg.search for n in cfg.search_ns]
+    total = len(problems) * (1 + len(keys))
+
+    def done() -> int:
+        return sum(1 + sum(f"{k}@{n}" in r.get("search", {}) for k, n in keys) for r in records.values())
+
     if progress:
-        progress(done, len(problems))
+        progress(done(), total)
+    todo = [p for p in problems if p.id not in records]
     for k in range(0, len(todo), chunk):
         batch = todo[k : k + chunk]
-        pools = _solve_pools(batch, generator, verifier, cfg, sampling)
-        for name in cfg.search:
-            for n in cfg.search_ns:
-                for rec, res in zip(pools, _search_many(batch, generator, verifier, cfg, sampling, name, n)):
-                    rec.setdefault("search", {})[f"{name}@{n}"] = res
-        for p, rec in zip(batch, pools):
-            rec.update({"id": p.id, "question": p.question, "gold": p.answer})
-            rec.setdefault("search", {})
+        for p, rec in zip(batch, _solve_pools(batch, generator, verifier, cfg, sampling)):
+            rec.update({"id": p.id, "question": p.question, "gold": p.answer, "search": {}})
             atomic_write_json(cache / f"{p.id}.json", rec)
             records[p.id] = rec
-            done += 1
+        if progress:
+            progress(done(), total)
+    for name, n in keys:
+        key = f"{name}@{n}"
+        missing = [p for p in problems if key not in records[p.id].setdefault("search", {})]
+        for k in range(0, len(missing), chunk):
+            batch = missing[k : k + chunk]
+            for p, res in zip(batch, _search_many(batch, generator, verifier, cfg, sampling, name, n)):
+                records[p.id]["search"][key] = res
+                atomic_write_json(cache / f"{p.id}.json", records[p.id])
             if progress:
-                progress(done, len(problems))
+                progress(done(), total)
     return [records[p.id] for p in problems]
 
 
 # --------------------------------------------------------------------------------------------- curves
-def _pool_cands(rec: dict[str, Any]) -> list[Candidate]:
+def _pool_cands(rec: dict[str, Any], verifier: Any = None, problem: Problem | None = None) -> list[Candidate]:
+    """The pool as candidates; with a verifier, scored now (from the stored text and confidence), so a
+    report always reflects the configured verifier."""
     out = []
     for d in rec["pool"]:
-        c = Candidate(d["text"], d["answer"], d["n_tokens"], d["finished"], score=d["score"])
+        conf = float(d.get("confidence", 0.0))
+        lps = [float(np.log(conf))] if conf > 0 else None  # geometric-mean probability round-trips exactly
+        c = Candidate(d["text"], d["answer"], d["n_tokens"], d["finished"], logprobs=lps)
         c.correct = d["correct"]  # type: ignore[attr-defined]
         out.append(c)
+    if verifier is not None:
+        prob = problem or Problem(rec.get("id", ""), rec.get("question", ""), rec.get("gold", ""))
+        for c, sc in zip(out, verifier.score(prob, out)):
+            c.score = float(sc)
     return out
 
 
-def pool_estimates(
-    rec: dict[str, Any], n: int, subsets: int, seed: int
-) -> dict[str, tuple[float, float, float]]:
-    """Expected (correct, tokens, seconds) of each pool strategy at N, over random size-N subsets of the pool."""
-    cands = _pool_cands(rec)
+def pool_estimates(rec: dict[str, Any], n: int, subsets: int, seed: int, verifier: Any = None,
+                   cands: list[Candidate] | None = None) -> dict[str, tuple[float, float, float]]:  # fmt: skip
+    """Expected (correct, tokens, seconds) of each pool strategy at N, over random size-N subsets of the pool
+    (verifier scores for weighted vote and best-of-N from `verifier`, default the logprob confidence)."""
+    if cands is None:
+        from testtime.scale.verifiers import LogprobVerifier
+
+        cands = _pool_cands(rec, verifier or LogprobVerifier())
     m = len(cands)
     if n > m:
         raise DataError(f"pool of {m} samples cannot estimate N={n}")
@@ -216,7 +232,11 @@ def curves(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfig) -> list[dic
         1,
         [(r["greedy"]["correct"], r["greedy"]["n_tokens"], r["greedy"]["seconds"]) for r in records],
     )
-    ests = {n: [pool_estimates(r, n, cfg.subsets, cfg.seed + i) for i, r in enumerate(records)]
+    from testtime.scale.verifiers import make_verifier
+
+    verifier = make_verifier(cfg.verifier)
+    pools = [_pool_cands(r, verifier) for r in records]
+    ests = {n: [pool_estimates(r, n, cfg.subsets, cfg.seed + i, cands=pools[i]) for i, r in enumerate(records)]
             for n in ns_for(cfg.max_n)}  # fmt: skip
     for s in POOL_STRATEGIES:
         for n, per in ests.items():
@@ -236,9 +256,11 @@ def curves(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfig) -> list[dic
 def compute_optimal_rows(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfig,
                          ests: dict[int, list[dict[str, tuple[float, float, float]]]]) -> list[dict[str, Any]]:  # fmt: skip
     """Compute-optimal allocation evaluated by 2-fold cross-fitting over the problems: the policy is fitted
-    on one half and chooses per question of the other half; the pilot's tokens are always charged."""
+    on one half and chooses per question of the other half within a budget (the mean tokens of majority
+    vote at each N); the pilot's tokens are charged on top."""
     if len(records) < 4 or cfg.pilot_n > cfg.max_n:
         return []
+    complete = sorted(set.intersection(*(set(r["search"]) for r in records)))
     diffs, pilot_tok, table = [], [], []
     for i, r in enumerate(records):
         pilot = _pool_cands(r)[: cfg.pilot_n]
@@ -250,9 +272,9 @@ def compute_optimal_rows(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfi
         for n, per in ests.items():
             for s in ("majority", "weighted_vote", "best_of_n"):
                 opts[(s, n)] = per[i][s][:2]
-        for k, v in r["search"].items():
+        for k in complete:  # search settings run on every problem (a partial one cannot be chosen fairly)
             name, n = k.split("@")
-            opts[(name, int(n))] = (v["correct"], v["n_tokens"])
+            opts[(name, int(n))] = (r["search"][k]["correct"], r["search"][k]["n_tokens"])
         table.append(opts)
     folds = [list(range(0, len(records), 2)), list(range(1, len(records), 2))]
     budgets = sorted({float(np.mean([t[("majority", n)][1] for t in table])) for n in ests})
@@ -264,7 +286,7 @@ def compute_optimal_rows(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfi
                         for i in fit_idx for (s, n), v in table[i].items()]  # fmt: skip
             pol = ComputeOptimalPolicy(n_bins=3).fit(fit_rows)
             for i in test_idx:
-                choice = pol.choose(diffs[i], b - pilot_tok[i])
+                choice = pol.choose(diffs[i], b)  # the budget beyond the pilot
                 c, t = table[i][choice]
                 vals.append((c, t + pilot_tok[i], 0.0))
         a = np.asarray(vals)
@@ -313,8 +335,10 @@ def summary_markdown(rows: Sequence[dict[str, Any]], cfg: ScaleBenchConfig) -> s
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     co = [r for r in rows if r["strategy"] == "compute_optimal"]
     if co:
-        lines += ["", "Compute-optimal allocation (2-fold cross-fitted, pilot of "
-                  f"{cfg.pilot_n} samples charged):", "", "| budget tokens | accuracy % | tokens used |", "|---|---|---|"]  # fmt: skip
+        lines += ["", "Compute-optimal allocation (2-fold cross-fitted; a pilot of "
+                  f"{cfg.pilot_n} samples estimates difficulty and its tokens are charged on top of the budget):",
+                  "", "| budget tokens beyond the pilot | accuracy % | tokens used, pilot included |",
+                  "|---|---|---|"]  # fmt: skip
         lines += [f"| {r['n']} | {r['accuracy']:.1f} | {r['tokens_per_problem']:.0f} |" for r in co]
     secs = [r for r in rows if r["strategy"] in ("greedy", "majority") and r["n"] in (1, cfg.max_n)]
     if secs:
@@ -378,15 +402,22 @@ def write_reports(
 
 
 def prepare(out_dir: Path, cfg: ScaleBenchConfig, env: dict[str, Any]) -> None:
-    """Write config.json, or check that a resumed run has the same configuration."""
+    """Write config.json, or check that a resumed run has the same configuration; the search strategies
+    and their N may differ (each is cached on its own), and config.json then lists all of them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     f = out_dir / "config.json"
     want = asdict(cfg)
     if f.is_file():
-        have = json.loads(f.read_text()).get("config")
-        if have != want:
-            diff = sorted(k for k in set(want) | set(have or {}) if (have or {}).get(k) != want.get(k))
+        saved = json.loads(f.read_text())
+        have = saved.get("config") or {}
+        free = {"search", "search_ns", "generator"}
+        diff = sorted(k for k in (set(want) | set(have)) - free if have.get(k) != want.get(k))
+        if diff:
             raise ConfigError(f"{out_dir} holds a run with a different configuration ({', '.join(diff)}); "
                               "use another --out")  # fmt: skip
+        merged = {**have, "search": list(dict.fromkeys([*have.get("search", []), *cfg.search])),
+                  "search_ns": sorted({*have.get("search_ns", []), *cfg.search_ns})}  # fmt: skip
+        if merged != have:
+            atomic_write_json(f, {**saved, "config": merged})
         return
     atomic_write_json(f, {"config": want, "env": env})

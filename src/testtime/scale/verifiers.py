@@ -92,7 +92,7 @@ _EQUATION = re.compile(
 def _eval_arith(expr: str) -> Fraction | None:
     """Exact value of + - * / arithmetic on numbers, or None when it is anything else."""
     try:
-        tree = ast.parse(expr.replace("×", "*").replace("x", "*"), mode="eval")
+        tree = ast.parse(expr.strip().replace("×", "*").replace("x", "*"), mode="eval")
     except SyntaxError:
         return None
 
@@ -120,44 +120,48 @@ def _eval_arith(expr: str) -> Fraction | None:
 
 class ArithmeticStepVerifier:
     """Programmatic process verifier that never reads the gold answer: re-computes every
-    `a op b ... = c` equation written in a step. Step score 1 if all its equations hold, 0 if one is
-    wrong, `neutral` if it has none; a final step checks that the stated answer equals the last
-    computed result."""
+    `a op b ... = c` equation written in a step. A step scores 0 if one of its equations is wrong, else 1
+    (a step without equations cannot be wrong). A finished solution gets a final step: 1 if its stated
+    answer equals the last computed result, 0 if it differs or no answer is stated, and `unchecked`
+    when it wrote no equation at all (nothing could be verified)."""
 
     name = "arith_steps"
     uses_gold = False
 
-    def __init__(self, neutral: float = 0.5, aggregation: str = "min") -> None:
+    def __init__(self, unchecked: float = 0.5, aggregation: str = "min") -> None:
         aggregate([], aggregation)  # validates the name
-        self.neutral = float(neutral)
+        self.unchecked = float(unchecked)
         self.aggregation = aggregation
 
-    def step_score(self, step: str) -> float:
-        eqs = _EQUATION.findall(step)
-        if not eqs:
-            return self.neutral
-        for lhs, rhs in eqs:
+    @staticmethod
+    def equations(step: str) -> list[tuple[Fraction, Fraction]]:
+        """(computed left side, written right side) of every checkable equation in a step."""
+        out = []
+        for lhs, rhs in _EQUATION.findall(step):
             v = _eval_arith(lhs)
-            if v is None:
-                continue
-            if v != Fraction(rhs):
-                return 0.0
-        return 1.0
+            if v is not None:
+                out.append((v, Fraction(rhs)))
+        return out
+
+    def step_score(self, step: str) -> float:
+        return 0.0 if any(v != r for v, r in self.equations(step)) else 1.0
 
     def _steps(self, c: Candidate) -> list[float]:
         steps = split_steps(c.text)
         scores = [self.step_score(s) for s in steps]
         if c.finished:
-            results = [rhs for s in steps for _, rhs in _EQUATION.findall(s)]
+            results = [r for s in steps for _, r in self.equations(s)]
             ans = c.answer if c.answer is not None else extract_answer(c.text)
             if ans is None:
                 scores.append(0.0)
-            elif results:
+            elif not results:
+                scores.append(self.unchecked)
+            else:
                 try:
-                    scores.append(1.0 if Fraction(results[-1]) == Fraction(ans) else 0.0)
+                    scores.append(1.0 if results[-1] == Fraction(ans) else 0.0)
                 except (ValueError, ZeroDivisionError):
                     scores.append(0.0)
-        return scores or [self.neutral]
+        return scores or [1.0]
 
     def score_steps(self, problem: Problem, candidates: Sequence[Candidate]) -> list[list[float]]:
         return [self._steps(c) for c in candidates]
