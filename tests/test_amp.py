@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import state_hash
-from testtime.adapt import adapt
+from conftest import state_hash, to_batch
+from test_persistence import BATCH, BATCH_OF, OVERRIDES
+from testtime.adapt import adapt, get_method, list_methods
 from testtime.errors import ConfigError
 
 
@@ -33,3 +34,23 @@ def test_bf16_autocast_keeps_float32_state_and_close_predictions(source_model, n
 def test_amp_values_are_checked(source_model) -> None:
     with pytest.raises(ConfigError, match="amp"):
         adapt(source_model, "tent", amp="fp8")
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_runs_under_bf16(method, source_model, noisy_stream, embedded) -> None:
+    """Every recipe under autocast: finite float32 predictions, float32 state, exact reset."""
+    extra = {}
+    if getattr(get_method(method), "requires_source_data", False) or method in ("rmt", "adanpc"):
+        extra["source_data"] = (to_batch(embedded.x[-200:]), embedded.y[-200:])
+    a = adapt(source_model, method, amp="bf16", **extra, **OVERRIDES.get(method, {}))
+    h0 = state_hash(a)
+    n = BATCH_OF.get(method, BATCH)
+    x, _ = noisy_stream
+    for i in range(3):
+        out = a(x[i * n : (i + 1) * n])
+        assert out.dtype == torch.float32 and torch.isfinite(out).all(), method
+    for k, v in a.state_dict().items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            assert v.dtype == torch.float32, (method, k)
+    a.reset()
+    assert state_hash(a) == h0

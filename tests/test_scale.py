@@ -386,6 +386,11 @@ def test_bench_writes_curves_and_resumes_without_regenerating(tmp_path) -> None:
     recs3 = run_problems(problems, gen3, make_verifier(cfg.verifier), more, tmp_path, chunk=6)
     assert gen3.calls and all(c["stop"] in ((), ("\n",)) for c in gen3.calls)  # only step-level search calls
     assert all("beam_search@3" in r["search"] and "dvts@2" in r["search"] for r in recs3)
+    # a setting run on only some problems is left out of the curves and named in the summary
+    del recs3[0]["search"]["beam_search@3"]
+    rows3 = write_reports(recs3, more, tmp_path)
+    assert ("beam_search", 3) not in {(r["strategy"], r["n"]) for r in rows3}
+    assert "beam_search@3 (5)" in (tmp_path / "summary.md").read_text()
 
 
 def test_pool_estimates_are_exact_at_full_pool() -> None:

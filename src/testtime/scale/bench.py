@@ -241,14 +241,13 @@ def curves(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfig) -> list[dic
     for s in POOL_STRATEGIES:
         for n, per in ests.items():
             add(s, n, [e[s] for e in per])
-    keys = sorted(
-        {k for r in records for k in r["search"]}, key=lambda k: (k.split("@")[0], int(k.split("@")[1]))
-    )
+    # a search setting enters the curves only when it ran on every problem (else it is listed as partial)
+    keys = sorted(set.intersection(*(set(r["search"]) for r in records)) if records else set(),
+                  key=lambda k: (k.split("@")[0], int(k.split("@")[1])))  # fmt: skip
     for k in keys:
         name, n = k.split("@")
-        vals = [(r["search"][k]["correct"], r["search"][k]["n_tokens"], r["search"][k]["seconds"])
-                for r in records if k in r["search"]]  # fmt: skip
-        add(name, int(n), vals)
+        add(name, int(n), [(r["search"][k]["correct"], r["search"][k]["n_tokens"], r["search"][k]["seconds"])
+                           for r in records])  # fmt: skip
     rows.extend(compute_optimal_rows(records, cfg, ests))
     return rows
 
@@ -301,7 +300,7 @@ def compute_optimal_rows(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfi
 def _csv(rows: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
     if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
         w.writeheader()
         w.writerows(rows)
     return buf.getvalue()
@@ -316,7 +315,9 @@ def _problem_description(spec: str) -> str:
     return spec
 
 
-def summary_markdown(rows: Sequence[dict[str, Any]], cfg: ScaleBenchConfig) -> str:
+def summary_markdown(
+    rows: Sequence[dict[str, Any]], cfg: ScaleBenchConfig, partial: dict[str, int] | None = None
+) -> str:
     ns = ns_for(cfg.max_n)
     strategies = list(dict.fromkeys(r["strategy"] for r in rows if r["strategy"] != "compute_optimal"))
     by = {(r["strategy"], r["n"]): r for r in rows}
@@ -340,6 +341,12 @@ def summary_markdown(rows: Sequence[dict[str, Any]], cfg: ScaleBenchConfig) -> s
                   "", "| budget tokens beyond the pilot | accuracy % | tokens used, pilot included |",
                   "|---|---|---|"]  # fmt: skip
         lines += [f"| {r['n']} | {r['accuracy']:.1f} | {r['tokens_per_problem']:.0f} |" for r in co]
+    if partial:
+        lines += [
+            "",
+            "Not in the table (run on only some problems): "
+            + ", ".join(f"{k} ({v})" for k, v in partial.items()),
+        ]
     secs = [r for r in rows if r["strategy"] in ("greedy", "majority") and r["n"] in (1, cfg.max_n)]
     if secs:
         lines += ["", "Seconds per problem: " + ", ".join(f"{r['strategy']}@{r['n']} {r['seconds_per_problem']:.2f} s"
@@ -396,7 +403,12 @@ def write_reports(
             **{f"{k}_correct": v["correct"] for k, v in r["search"].items()}} for r in records]  # fmt: skip
     atomic_write_text(out_dir / "per_problem.csv", _csv(per))
     atomic_write_text(out_dir / "curves.csv", _csv(rows))
-    atomic_write_text(out_dir / "summary.md", summary_markdown(rows, cfg))
+    counts: dict[str, int] = {}
+    for r in records:
+        for k in r["search"]:
+            counts[k] = counts.get(k, 0) + 1
+    partial = {k: v for k, v in sorted(counts.items()) if v < len(records)}
+    atomic_write_text(out_dir / "summary.md", summary_markdown(rows, cfg, partial))
     plot_curves(rows, out_dir)
     return rows
 

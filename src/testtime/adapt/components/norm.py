@@ -40,12 +40,13 @@ class AdaptiveNorm(nn.Module):
         return [0, *range(2, x.dim())]
 
     def batch_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and biased variance of the batch."""
-        var, mean = torch.var_mean(x, dim=self.reduce_dims(x), correction=0)
+        """Per-channel mean and biased variance of the batch (in float32, also under bf16 autocast)."""
+        var, mean = torch.var_mean(x.float(), dim=self.reduce_dims(x), correction=0)
         return mean, var
 
     def normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+        # statistics and affine parameters are float32: normalise in float32 (autocast casts the next layer)
+        return F.batch_norm(x.float(), mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -112,7 +112,7 @@ class ROID(GradientMethod):
                 weights, keep = certainty_diversity_weights(
                     logits.detach(), self.class_probs_ema, cfg.temperature
                 )
-                self.class_probs_ema.lerp_(logits.detach().softmax(1).mean(0), 1 - cfg.momentum_probs)
+                self.class_probs_ema.lerp_(logits.detach().float().softmax(1).mean(0), 1 - cfg.momentum_probs)
             if n > 1 or not cfg.use_weighting:  # weights are undefined for a single sample
                 loss = (soft_likelihood_ratio(logits, cfg.slr_clip, cfg.slr_eps) * weights)[keep].sum() / n
                 n_back = n
