@@ -468,3 +468,9 @@ def test_logprobs_accept_numpy_floats_as_llama_cpp_returns_them():
     assert _float_logprobs({"token_logprobs": [None, -1.0]}) is None
     assert _float_logprobs({"token_logprobs": [True]}) is None
     assert _float_logprobs(None) is None
+
+
+def test_a_single_stop_string_is_not_split_into_characters(server):
+    (group,) = gen_for(server).generate(["Q: hello world"], 1, max_new_tokens=8, stop="ld")
+    assert server.requests[-1]["body"]["stop"] == ["ld"]
+    assert "ld" not in group[0].text

@@ -116,6 +116,8 @@ class GeneratorBase:
     ) -> list[list[Completion]]:
         """`n` completions for each prompt (temperature 0: one greedy completion copied `n` times)."""
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p, max_time)
+        if isinstance(stop, str):
+            stop = (stop,)  # one stop string, not its characters
         params = SampleParams(max_new_tokens, float(temperature), float(top_p), tuple(x for x in stop if x),
                               int(seed), None if max_time is None else time.monotonic() + max_time)  # fmt: skip
         groups = self._sample(list(prompts), 1 if params.greedy else n, params)
