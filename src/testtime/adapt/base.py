@@ -327,7 +327,7 @@ class AdaptedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.check_input(x)
         x = x.contiguous(memory_format=torch.channels_last)
-        amp = getattr(self.config, "amp", "off") == "bf16"
+        amp = self.config.amp == "bf16"
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = self.step(x)
             if self.guard is not None:

@@ -73,13 +73,13 @@ class ScaleBenchConfig:
             raise ConfigError("search N values must be >= 1")
 
 
-def _cand_dict(c: Candidate, problem: Problem, verifier: Any) -> dict[str, Any]:
+def _cand_dict(c: Candidate, problem: Problem) -> dict[str, Any]:
     return {"text": c.text, "answer": c.answer, "n_tokens": c.n_tokens, "finished": c.finished,
             "correct": problem.score(c.answer),
             "confidence": (float(np.exp(np.mean(c.logprobs))) if c.logprobs else 0.0)}  # fmt: skip
 
 
-def _solve_pools(problems: Sequence[Problem], generator: Any, verifier: Any, cfg: ScaleBenchConfig,
+def _solve_pools(problems: Sequence[Problem], generator: Any, cfg: ScaleBenchConfig,
                  sampling: Sampling) -> list[dict[str, Any]]:  # fmt: skip
     """Greedy + a pool of max_n samples for several problems in one batched call each."""
     prompts = [prompt_for(generator, p, sampling) for p in problems]
@@ -94,8 +94,8 @@ def _solve_pools(problems: Sequence[Problem], generator: Any, verifier: Any, cfg
     for p, g, pool in zip(problems, greedy, pools):
         cands = [to_candidate(c) for c in pool]
         gc = to_candidate(g[0])
-        out.append({"greedy": {**_cand_dict(gc, p, verifier), "seconds": t_greedy},
-                    "pool": [_cand_dict(c, p, verifier) for c in cands], "pool_seconds": t_pool})  # fmt: skip
+        out.append({"greedy": {**_cand_dict(gc, p), "seconds": t_greedy},
+                    "pool": [_cand_dict(c, p) for c in cands], "pool_seconds": t_pool})  # fmt: skip
     return out
 
 
@@ -141,7 +141,7 @@ def run_problems(problems: Sequence[Problem], generator: Any, verifier: Any, cfg
     todo = [p for p in problems if p.id not in records]
     for k in range(0, len(todo), chunk):
         batch = todo[k : k + chunk]
-        for p, rec in zip(batch, _solve_pools(batch, generator, verifier, cfg, sampling)):
+        for p, rec in zip(batch, _solve_pools(batch, generator, cfg, sampling)):
             rec.update({"id": p.id, "question": p.question, "gold": p.answer, "search": {}})
             atomic_write_json(cache / f"{p.id}.json", rec)
             records[p.id] = rec
@@ -161,7 +161,12 @@ def run_problems(problems: Sequence[Problem], generator: Any, verifier: Any, cfg
 
 
 # --------------------------------------------------------------------------------------------- curves
-def _pool_cands(rec: dict[str, Any], verifier: Any = None, problem: Problem | None = None) -> list[Candidate]:
+def _search_keys(keys: Any) -> list[str]:
+    """Search settings `name@n` in a fixed order (by name, then N), whatever order the records hold."""
+    return sorted(keys, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+
+
+def _pool_cands(rec: dict[str, Any], verifier: Any = None) -> list[Candidate]:
     """The pool as candidates; with a verifier, scored now (from the stored text and confidence), so a
     report always reflects the configured verifier."""
     out = []
@@ -172,7 +177,7 @@ def _pool_cands(rec: dict[str, Any], verifier: Any = None, problem: Problem | No
         c.correct = d["correct"]  # type: ignore[attr-defined]
         out.append(c)
     if verifier is not None:
-        prob = problem or Problem(rec.get("id", ""), rec.get("question", ""), rec.get("gold", ""))
+        prob = Problem(rec.get("id", ""), rec.get("question", ""), rec.get("gold", ""))
         for c, sc in zip(out, verifier.score(prob, out)):
             c.score = float(sc)
     return out
@@ -242,18 +247,18 @@ def curves(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfig) -> list[dic
         for n, per in ests.items():
             add(s, n, [e[s] for e in per])
     # a search setting enters the curves only when it ran on every problem (else it is listed as partial)
-    keys = sorted(set.intersection(*(set(r["search"]) for r in records)) if records else set(),
-                  key=lambda k: (k.split("@")[0], int(k.split("@")[1])))  # fmt: skip
+    keys = _search_keys(set.intersection(*(set(r["search"]) for r in records)) if records else set())
     for k in keys:
         name, n = k.split("@")
         add(name, int(n), [(r["search"][k]["correct"], r["search"][k]["n_tokens"], r["search"][k]["seconds"])
                            for r in records])  # fmt: skip
-    rows.extend(compute_optimal_rows(records, cfg, ests))
+    rows.extend(compute_optimal_rows(records, cfg, ests, pools))
     return rows
 
 
 def compute_optimal_rows(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfig,
-                         ests: dict[int, list[dict[str, tuple[float, float, float]]]]) -> list[dict[str, Any]]:  # fmt: skip
+                         ests: dict[int, list[dict[str, tuple[float, float, float]]]],
+                         pools: Sequence[list[Candidate]]) -> list[dict[str, Any]]:  # fmt: skip
     """Compute-optimal allocation evaluated by 2-fold cross-fitting over the problems: the policy is fitted
     on one half and chooses per question of the other half within a budget (the mean tokens of majority
     vote at each N); the pilot's tokens are charged on top."""
@@ -262,7 +267,7 @@ def compute_optimal_rows(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfi
     complete = sorted(set.intersection(*(set(r["search"]) for r in records)))
     diffs, pilot_tok, table = [], [], []
     for i, r in enumerate(records):
-        pilot = _pool_cands(r)[: cfg.pilot_n]
+        pilot = pools[i][: cfg.pilot_n]
         diffs.append(pilot_difficulty(pilot))
         pilot_tok.append(float(sum(c.n_tokens for c in pilot)))
         opts: dict[tuple[str, int], tuple[float, float]] = {
@@ -400,7 +405,7 @@ def write_reports(
     per = [{"id": r["id"], "gold": r["gold"], "greedy_answer": r["greedy"]["answer"],
             "greedy_correct": r["greedy"]["correct"],
             "pool_correct_share": float(np.mean([c["correct"] for c in r["pool"]])),
-            **{f"{k}_correct": v["correct"] for k, v in r["search"].items()}} for r in records]  # fmt: skip
+            **{f"{k}_correct": r["search"][k]["correct"] for k in _search_keys(r["search"])}} for r in records]  # fmt: skip
     atomic_write_text(out_dir / "per_problem.csv", _csv(per))
     atomic_write_text(out_dir / "curves.csv", _csv(rows))
     counts: dict[str, int] = {}

@@ -206,11 +206,6 @@ class _Beam:
                          step_logprobs=[list(s) for s in self.step_logprobs])  # fmt: skip
 
 
-def tree_search(problem: Problem, generator: Any, verifier: Any, **kw: Any) -> StrategyResult:
-    """Step-level search for one problem (see `tree_search_many`)."""
-    return tree_search_many([problem], generator, verifier, **kw)[0]
-
-
 def tree_search_many(problems: Sequence[Problem], generator: Any, verifier: Any, *, n: int, width: int, groups: int,
                      max_steps: int, step_tokens: int, sampling: Sampling, aggregation: str = "last",
                      step_stop: str = "\n") -> list[StrategyResult]:  # fmt: skip
