@@ -144,3 +144,20 @@ def test_speed_bf16_suite_runs_every_method_under_autocast(tmp_path, monkeypatch
     out = run_suite("speed_bf16", SuiteArgs(methods=["tent"]), tmp_path, ExecOptions(threads=1))
     (m,) = json.loads((out / "speed.json").read_text())["methods"]
     assert m["method"] == "tent" and m["n_images"] == 8 and m["backward_per_image"] == 1
+
+
+def test_speed_compile_suite_times_after_an_untimed_compiling_pass(tmp_path, monkeypatch):
+    from testtime.bench.suites import SPEED_VARIANTS
+
+    cells = SUITES["speed_compile"].build(SuiteArgs(methods=["bn", "tent"], seeds=[0]))
+    assert [dict(c.overrides) for c in cells] == [{"compile": "inductor"}] * 2
+    monkeypatch.setitem(SPEED_VARIANTS["speed_compile"][0], "compile", "eager")  # no C++ build in tests
+    monkeypatch.setattr(speed, "CORRUPTIONS", ("gaussian_noise",))
+    monkeypatch.setattr(speed, "PER_DOMAIN", 8)
+    monkeypatch.setattr(speed, "BATCH_SIZE", 4)
+    out = run_suite("speed_compile", SuiteArgs(methods=["eata"]), tmp_path, ExecOptions(threads=1))
+    (m,) = json.loads((out / "speed.json").read_text())["methods"]
+    # the compiling pass is not counted (images, passes, EATA's Fisher tally); its time is recorded apart
+    assert m["method"] == "eata" and m["n_images"] == 8 and m["compile_warmup_seconds"] > 0
+    assert m["backward_per_image"] == m["min_backward_per_image"] > 1  # 1 + the first batch's Fisher
+    assert m["forward_per_image"] == m["min_forward_per_image"] == 1

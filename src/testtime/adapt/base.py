@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from testtime.adapt.components.compile import compile_forward
 from testtime.adapt.components.guard import CollapseGuard
 from testtime.adapt.config import MethodConfig
 from testtime.errors import DataError, ModelError
@@ -119,6 +120,8 @@ class AdaptedModel(nn.Module):
         self._count_hooks = [
             net.register_forward_pre_hook(self._count_forward) for net in self.counted_networks()
         ]
+        for net in self.counted_networks():
+            compile_forward(net, config.compile)  # no-op for compile="off"
         self._snapshot = self._capture()
 
     # ----------------------------------------------------------------- to implement
@@ -227,6 +230,15 @@ class AdaptedModel(nn.Module):
         """
         self._load_snapshot(self._snapshot)
         self.reset_extra()
+
+    def reset_counters(self) -> None:
+        """Zero the usage counters (batches, images, passes, skipped updates, restores) and the
+        run-time pass tallies some methods keep for `minimal_passes()`."""
+        for k in self.COUNTERS:
+            getattr(self, k).zero_()
+        tally = self.__dict__.get("tally")
+        if tally is not None:
+            tally.clear()
 
     def _load_snapshot(self, snapshot: dict[str, Any]) -> None:
         kept = {k: getattr(self, k).clone() for k in self.COUNTERS}

@@ -13,6 +13,12 @@ from testtime.errors import ConfigError
 C = TypeVar("C")
 
 
+def _compile_backends() -> list[str]:
+    from testtime.adapt.components.compile import compile_backends
+
+    return compile_backends()
+
+
 @dataclass
 class MethodConfig:
     """Fields every method accepts."""
@@ -31,6 +37,10 @@ class MethodConfig:
     # mixed precision of the method's forward and backward passes: off | bf16 (torch.autocast; weights,
     # statistics and optimiser state stay float32; predictions are returned as float32)
     amp: str = "off"
+    # torch.compile of the forward of every network the method runs (model, teacher, anchor): off, or
+    # a torch.compile backend (inductor; eager / aot_eager to debug); compilation happens on the
+    # first batches, so it pays off only on long streams
+    compile: str = "off"
 
     def validate(self) -> None:
         """Raise ConfigError on an invalid value; subclasses extend `checks()`."""
@@ -49,6 +59,11 @@ class MethodConfig:
             ("guard_snapshot_every", self.guard_snapshot_every >= 1, "must be >= 1"),
             ("guard_reset_every", self.guard_reset_every >= 0, "must be >= 0 (0: never)"),
             ("amp", self.amp in ("off", "bf16"), "must be off or bf16"),
+            (
+                "compile",
+                self.compile == "off" or self.compile in _compile_backends(),
+                "must be off or a torch.compile backend (inductor, aot_eager, eager, ...)",
+            ),
         ]
 
 

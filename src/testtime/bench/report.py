@@ -169,7 +169,7 @@ SPEED_METRICS = (
     "n_images", "images_per_s", "x_inference", "forward_per_image", "min_forward_per_image",
     "backward_per_image", "min_backward_per_image", "adapted_params", "state_bytes", "optimizer_bytes",
     "guard_bytes", "snapshot_bytes", "peak_cuda_mb", "inference_images_per_s", "setup_seconds",
-    "loadavg_1m", "torch_threads",
+    "loadavg_1m", "torch_threads", "compile_warmup_seconds",
 )  # fmt: skip
 
 
@@ -196,8 +196,10 @@ def speed_table(rows: list[dict[str, Any]]) -> list[str]:
     if not summary:
         return []
     cuda = any("peak_cuda_mb" in s for s in summary)
+    compiled = any("compile_warmup_seconds" in s for s in summary)
     head = ["method", "images", "batch", "img/s", "x inference", "fwd/img (min)", "bwd/img (min)",
-            "adapted params", "state MB", "guard MB", *(["peak CUDA MB"] if cuda else []), "error %"]  # fmt: skip
+            "adapted params", "state MB", "guard MB", *(["peak CUDA MB"] if cuda else []),
+            *(["compile pass s"] if compiled else []), "error %"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
 
     def get(s: dict[str, Any], k: str, digits: int) -> str:
@@ -217,6 +219,7 @@ def speed_table(rows: list[dict[str, Any]]) -> list[str]:
             fmt(mb, 3),
             fmt(s.get("guard_bytes", 0) / 1e6, 2),
             *([get(s, "peak_cuda_mb", 0)] if cuda else []),
+            *([get(s, "compile_warmup_seconds", 1)] if compiled else []),
             get(s, "error", 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -233,6 +236,11 @@ def speed_table(rows: list[dict[str, Any]]) -> list[str]:
         "the reset snapshot (the whole state again) is in the JSON. "
         + ("Peak CUDA MB: max_memory_allocated." if cuda else "CPU run: memory as tensor bytes, no peak."),
     ]
+    if compiled:
+        lines.append(
+            "- compile pass s: the untimed first pass over the stream that compiles the method's graphs "
+            "(torch.compile); the method is then reset and timed."
+        )
     if loads:
         lines.append(
             f"- load average (1 min) at the methods' starts: {min(loads):.2f} to {max(loads):.2f}; "

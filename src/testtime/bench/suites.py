@@ -116,11 +116,31 @@ def speed(args: SuiteArgs) -> list[Cell]:
     return speed_cells(_methods(list_methods(), args), args.seeds)
 
 
-def speed_bf16(args: SuiteArgs) -> list[Cell]:
-    """The speed suite with every method's passes under bfloat16 autocast (`amp=bf16`); compare with
-    `speed` on the same machine."""
-    methods = _methods(list_methods(), args)
-    return speed_cells(methods, args.seeds, overrides={m: {"amp": "bf16"} for m in methods})
+def _speed_with(override: dict[str, str]) -> Callable[[SuiteArgs], list[Cell]]:
+    def cells(args: SuiteArgs) -> list[Cell]:
+        methods = _methods(list_methods(), args)
+        return speed_cells(methods, args.seeds, overrides={m: dict(override) for m in methods})
+
+    return cells
+
+
+SPEED_VARIANTS = {
+    "speed_bf16": (
+        {"amp": "bf16"},
+        "The speed suite with every method's passes under bfloat16 autocast (`amp=bf16`); compare with "
+        "`speed` on the same machine.",
+    ),
+    "speed_compile": (
+        {"compile": "inductor"},
+        "The speed suite with the forward of every network a method runs compiled by `torch.compile` "
+        "(inductor); each method first runs the stream once untimed (compilation), is reset, then timed; "
+        "compare with `speed` on the same machine.",
+    ),
+}
+
+
+def _speed_suite(name: str, fn: Callable[[SuiteArgs], list[Cell]], doc: str) -> Suite:
+    return Suite(name, doc, fn, (0,), runner=run_speed, describe_data=stream_description)
 
 
 SUITES: dict[str, Suite] = {
@@ -130,15 +150,8 @@ SUITES: dict[str, Suite] = {
         Suite("paper", paper.__doc__ or "", paper, (0,)),
         Suite("scenarios", scenarios.__doc__ or "", scenarios, (0,)),
         Suite("digits", digits.__doc__ or "", digits, (0, 1, 2)),
-        Suite("speed", speed.__doc__ or "", speed, (0,), runner=run_speed, describe_data=stream_description),
-        Suite(
-            "speed_bf16",
-            speed_bf16.__doc__ or "",
-            speed_bf16,
-            (0,),
-            runner=run_speed,
-            describe_data=stream_description,
-        ),
+        _speed_suite("speed", speed, speed.__doc__ or ""),
+        *(_speed_suite(n, _speed_with(o), doc) for n, (o, doc) in SPEED_VARIANTS.items()),
     ]
 }
 
