@@ -16,6 +16,12 @@ EXIT_USAGE = 2
 EMBEDDED_N_PER_DOMAIN = 1000  # images per corruption in the no-argument embedded run
 
 
+CHECKPOINT_HELP = (
+    "seconds of work between progress snapshots of a running cell (in RESULTS/partial/; an interrupted "
+    "run resumes from the last one); -1: none"
+)
+
+
 def _split(values: list[str] | None) -> list[str]:
     return [v for item in values or [] for v in item.split(",") if v]
 
@@ -61,7 +67,12 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         source_samples=args.source_samples,
         out=args.out,
         run_id=args.run_id,
-        exec=ExecOptions(device=args.device, threads=args.threads, cache_dir=args.cache_dir),
+        exec=ExecOptions(
+            device=args.device,
+            threads=args.threads,
+            cache_dir=args.cache_dir,
+            checkpoint_every=args.checkpoint_every,
+        ),
     )
     out_dir = run_experiment(cfg, console)
     print_error_table(out_dir, Console())
@@ -160,7 +171,12 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         Console().print(t)
         return 0
     sargs = SuiteArgs(seeds=_seeds(args.seed), data=args.data, methods=_split(args.method) or None)
-    opts = ExecOptions(device=args.device, threads=args.threads, cache_dir=args.cache_dir)
+    opts = ExecOptions(
+        device=args.device,
+        threads=args.threads,
+        cache_dir=args.cache_dir,
+        checkpoint_every=args.checkpoint_every,
+    )
     out_dir = run_suite(
         args.suite,
         sargs,
@@ -397,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--arch", help="architecture for --model-path")
     r.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N] or mps")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    r.add_argument("--checkpoint-every", type=float, default=600.0, help=CHECKPOINT_HELP)
     r.add_argument(
         "--option",
         "-o",
@@ -463,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N] or mps")
     bn.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / jobs)")
     bn.add_argument("--cache-dir", help="where generated corruptions are cached")
+    bn.add_argument("--checkpoint-every", type=float, default=600.0, help=CHECKPOINT_HELP)
     bn.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser(

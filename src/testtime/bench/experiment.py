@@ -28,7 +28,14 @@ from testtime.adapt.base import AdaptedModel
 from testtime.adapt.config import with_overrides
 from testtime.adapt.registry import adapt, get_method, list_methods
 from testtime.bench.report import load_rows, render
-from testtime.bench.runner import Cell, cell_payload, completed_cells, run_stream, write_payload
+from testtime.bench.runner import (
+    PARTIAL_DIR,
+    Cell,
+    cell_payload,
+    completed_cells,
+    run_stream,
+    write_payload,
+)
 from testtime.data.cifar import (
     ImageSet,
     find_cifar10,
@@ -88,6 +95,10 @@ class ExecOptions:
     device: str = "cpu"
     threads: int = 0
     cache_dir: str | None = None
+    # resumable progress inside a cell: a snapshot in `checkpoint_dir` (the run's `partial/` folder
+    # when run by `testtime run`/`bench`) every `checkpoint_every` seconds of work; <0: never
+    checkpoint_dir: str | None = None
+    checkpoint_every: float = 600.0
 
 
 @dataclass
@@ -391,7 +402,12 @@ def execute_cell(
     prep = prepare_cell(cell, opts, log)
     if on_start:
         on_start(len(prep.stream))
-    res = run_stream(prep.adapted, prep.stream, on_batch=on_batch)
+    partial = None
+    if opts.checkpoint_dir is not None and opts.checkpoint_every >= 0:
+        partial = Path(opts.checkpoint_dir) / f"{cell.cell_id}.pt"
+        if partial.is_file() and log:
+            log(f"{cell.cell_id}: resuming from {partial}")
+    res = run_stream(prep.adapted, prep.stream, on_batch, partial, max(0.0, opts.checkpoint_every))
     res.extra["data"] = prep.stream.data.describe()
     return cell_payload(cell, res, prep.adapted.describe())
 
@@ -406,6 +422,13 @@ def progress_bar(console: Console, label: str) -> Progress:
         TimeRemainingColumn(),
         console=console,
     )
+
+
+def with_checkpoints(opts: ExecOptions, out_dir: Path) -> ExecOptions:
+    """`opts` with progress snapshots in `out_dir/partial` unless a folder was chosen."""
+    if opts.checkpoint_dir is not None:
+        return opts
+    return dataclasses.replace(opts, checkpoint_dir=str(Path(out_dir) / PARTIAL_DIR))
 
 
 def run_cells_sequential(cells: list[Cell], opts: ExecOptions, out_dir: Path, console: Console) -> None:
@@ -481,7 +504,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None) -> Path:
     todo = [c for c in cells if c.cell_id not in done]
     if len(todo) < len(cells):
         console.log(f"resuming {out_dir}: {len(cells) - len(todo)} of {len(cells)} runs already done")
-    run_cells_sequential(todo, cfg.exec, out_dir, console)
+    run_cells_sequential(todo, with_checkpoints(cfg.exec, out_dir), out_dir, console)
     render(out_dir, plots=True)
     return out_dir
 

@@ -20,8 +20,9 @@ from torch import nn
 
 from testtime.adapt.base import AdaptedModel
 from testtime.data.streams import Stream
+from testtime.errors import DataError
 from testtime.metrics import MetricAccumulator, reliability_bins
-from testtime.utils import atomic_write_json
+from testtime.utils import atomic_torch_save, atomic_write_json
 
 
 def peak_rss_mb() -> float:
@@ -47,17 +48,31 @@ def run_stream(
     adapted: AdaptedModel,
     stream: Stream,
     on_batch: Callable[[int, float], None] | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: float = 600.0,
 ) -> StreamResult:
-    """Feed every batch of `stream` to `adapted`; reset it at segment starts when the stream says so."""
+    """Feed every batch of `stream` to `adapted`; reset it at segment starts when the stream says so.
+
+    With `checkpoint`, the progress (adaptation state, metrics so far, trace, timing) is written
+    there atomically every `checkpoint_every` seconds of work (0: after every batch), and a run
+    that finds the file resumes after its last batch with the same results as an uninterrupted
+    one; the caller deletes the file once the result is safe.
+    """
     accs = {i: MetricAccumulator() for i in range(len(stream.domains))}
     trace: list[dict[str, Any]] = []
-    resets = 0
+    resets, seconds, start = 0, 0.0, 0
+    if checkpoint is not None and checkpoint.is_file():
+        start, seconds, resets = resume_progress(checkpoint, adapted, stream, accs, trace)
     device = next(iter(adapted.parameters()), torch.zeros(())).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = 0.0
+    since_save = 0.0
     for b, batch in enumerate(stream):
+        if b < start:
+            if on_batch:
+                on_batch(b, trace[b]["error"])
+            continue
         if stream.reset_each_segment and batch.new_segment and batch.segment > 0:
             adapted.reset()
             resets += 1
@@ -66,7 +81,8 @@ def run_stream(
         t0 = time.perf_counter()
         logits = adapted(x)
         sync()
-        seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        seconds += dt
         logits = logits.cpu()
         known = y >= 0
         wrong = logits.argmax(1)[known] != y[known]
@@ -84,6 +100,10 @@ def run_stream(
                 "error": err,
             }
         )
+        since_save += dt
+        if checkpoint is not None and since_save >= checkpoint_every and b + 1 < len(stream):
+            save_progress(checkpoint, b + 1, adapted, stream, accs, trace, seconds, resets)
+            since_save = 0.0
         if on_batch:
             on_batch(b, err)
     per_domain = {str(stream.domains[i]): a.summary() for i, a in accs.items() if a.n}
@@ -109,6 +129,73 @@ def run_stream(
     if stream.meta.get("rounds"):
         extra["round_error"] = round_errors(trace, len(stream.segments) // int(stream.meta["rounds"]))
     return StreamResult(per_domain, mean, trace, cost, counters, resets, extra=extra)
+
+
+PROGRESS_VERSION = 1
+
+
+def save_progress(
+    path: Path,
+    batches_done: int,
+    adapted: AdaptedModel,
+    stream: Stream,
+    accs: dict[int, MetricAccumulator],
+    trace: list[dict[str, Any]],
+    seconds: float,
+    resets: int,
+) -> None:
+    """Write a resumable snapshot of a stream run (see `run_stream`)."""
+    state = {
+        "version": PROGRESS_VERSION,
+        "method": adapted.name,
+        "n_batches": len(stream),
+        "domains": [str(d) for d in stream.domains],
+        "batches_done": batches_done,
+        "seconds": seconds,
+        "resets": resets,
+        "trace": trace,
+        "metrics": {i: a.state() for i, a in accs.items()},
+        "adapted": adapted.state_dict(),
+        "tally": dict(adapted.__dict__.get("tally") or {}),
+        "guard_events": list(adapted.guard_events),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(state, path)
+
+
+def resume_progress(
+    path: Path,
+    adapted: AdaptedModel,
+    stream: Stream,
+    accs: dict[int, MetricAccumulator],
+    trace: list[dict[str, Any]],
+) -> tuple[int, float, int]:
+    """Load a snapshot written by `save_progress` into `adapted`, `accs` and `trace`; return
+    (batches done, seconds, resets). A snapshot of another method or stream is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(
+            f"{path}: unreadable progress file ({type(e).__name__}); delete it to start over"
+        ) from e
+    expect = {
+        "version": PROGRESS_VERSION,
+        "method": adapted.name,
+        "n_batches": len(stream),
+        "domains": [str(d) for d in stream.domains],
+    }
+    found = {k: state.get(k) for k in expect}
+    if found != expect:
+        raise DataError(f"{path}: progress of another run ({found} != {expect}); delete it to start over")
+    adapted.load_state_dict(state["adapted"])
+    for i, a in state["metrics"].items():
+        accs[int(i)] = MetricAccumulator.from_state(a)
+    trace.extend(state["trace"])
+    tally = adapted.__dict__.get("tally")
+    if tally is not None:
+        tally.update(state["tally"])
+    adapted.guard_events.extend(state["guard_events"])
+    return int(state["batches_done"]), float(state["seconds"]), int(state["resets"])
 
 
 def round_errors(trace: list[dict[str, Any]], segments_per_round: int) -> list[float]:
@@ -211,10 +298,14 @@ def cell_payload(cell: Cell, res: StreamResult, describe: dict[str, Any]) -> dic
     }
 
 
+PARTIAL_DIR = "partial"  # in a results directory: progress snapshots of unfinished cells
+
+
 def write_payload(out_dir: Path, payload: dict[str, Any]) -> Path:
-    """Persist one finished cell atomically (the unit of resumption)."""
+    """Persist one finished cell atomically (the unit of resumption); drop its progress snapshot."""
     path = Path(out_dir) / "cells" / f"{payload['cell_id']}.json"
     atomic_write_json(path, payload)
+    (Path(out_dir) / PARTIAL_DIR / f"{payload['cell_id']}.pt").unlink(missing_ok=True)
     return path
 
 

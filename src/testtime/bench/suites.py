@@ -14,7 +14,13 @@ from typing import Any
 from rich.console import Console
 
 from testtime.adapt.registry import list_methods
-from testtime.bench.experiment import ExecOptions, execute_cell, prepare_out_dir, run_cells_sequential
+from testtime.bench.experiment import (
+    ExecOptions,
+    execute_cell,
+    prepare_out_dir,
+    run_cells_sequential,
+    with_checkpoints,
+)
 from testtime.bench.ray_backend import import_ray, run_cells_ray
 from testtime.bench.report import render
 from testtime.bench.runner import Cell, write_payload
@@ -242,6 +248,7 @@ def run_suite(
         console.log(f"suite {suite_name} finished in {time.time() - t0:.0f} s")
         return out_dir
     todo = [c for c in cells if c.cell_id not in done]
+    opts = with_checkpoints(opts, out_dir)
     console.log(
         f"suite {suite_name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run"
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,6 +69,9 @@ def open_set_metrics(
     }
 
 
+_ARRAY_LISTS = ("conf", "correct", "open_conf", "open_correct", "open_unknown")
+
+
 @dataclass
 class MetricAccumulator:
     """Accumulates predictions of one domain (or a whole stream) batch by batch."""
@@ -116,6 +121,20 @@ class MetricAccumulator:
         err = 100.0 * float((~ok).float().mean())
         self.batch_errors.append(err)
         return err
+
+    def state(self) -> dict[str, Any]:
+        """Plain data (tensors, numbers, lists) to rebuild this accumulator; loadable with
+        `torch.load(..., weights_only=True)`."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = [torch.from_numpy(a) for a in v] if f.name in _ARRAY_LISTS else v
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> MetricAccumulator:
+        kw = {k: [t.numpy() for t in v] if k in _ARRAY_LISTS else v for k, v in state.items()}
+        return cls(**kw)
 
     def merge(self, other: MetricAccumulator) -> None:
         self.n += other.n
