@@ -71,6 +71,9 @@ class AdaptedModel(nn.Module):
     min_batch_size: ClassVar[int] = 1  # smallest batch the method can work with
     batch_limitation: ClassVar[str] = ""  # why, when min_batch_size > 1
     MAX_ABS_INPUT: ClassVar[float] = 1e6  # larger input magnitudes are rejected as malformed
+    # labelled source (training) images the paper's own setting gives the method; `--suite paper`
+    # passes that many (0: none, or the runner's default for methods that require some)
+    paper_source_samples: ClassVar[int] = 0
 
     def __init__(
         self, model: nn.Module, config: MethodConfig | None = None, source_data: SourceData | None = None

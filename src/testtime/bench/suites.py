@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
-from testtime.adapt.registry import list_methods
+from testtime.adapt.registry import get_method, list_methods
 from testtime.bench.experiment import (
     ExecOptions,
     execute_cell,
@@ -92,7 +92,14 @@ def paper(args: SuiteArgs) -> list[Cell]:
     continual and reset_each_shift, every registered method."""
     base = {"dataset": "cifar10", "data": args.data, "severity": 5, "batch_size": 200}
     settings = [{**base, "scenario": "continual"}, {**base, "scenario": "reset_each_shift"}]
-    return _grid(_methods(list_methods(), args), settings, args.seeds)
+    cells = _grid(_methods(list_methods(), args), settings, args.seeds)
+    # methods whose paper uses the source training set (AdaNPC's memory, CAFA's statistics) get it
+    return [
+        dataclasses.replace(c, source_samples=get_method(c.method).paper_source_samples)
+        if get_method(c.method).paper_source_samples
+        else c
+        for c in cells
+    ]
 
 
 def scenarios(args: SuiteArgs) -> list[Cell]:

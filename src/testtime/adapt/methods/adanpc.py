@@ -33,6 +33,7 @@ Deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -73,6 +74,7 @@ class AdaNPC(AdaptedModel):
     name = "adanpc"
     Config = AdaNPCConfig
     paper = "Zhang et al., ICML 2023"
+    paper_source_samples: ClassVar[int] = 50_000  # the memory starts with all CIFAR training features
     config: AdaNPCConfig
 
     def setup(self) -> None:

@@ -83,6 +83,7 @@ class CAFA(GradientMethod):
     name = "cafa"
     Config = CAFAConfig
     paper = "Jung et al., ICCV 2023"
+    paper_source_samples: ClassVar[int] = 50_000  # statistics of the whole CIFAR training set
     requires_source_data: ClassVar[bool] = True  # construction fails without source statistics
     config: CAFAConfig
 
