@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from testtime.errors import TestTimeError
+
+if TYPE_CHECKING:
+    from testtime.bench.experiment import ExecOptions
 
 EXIT_USAGE = 2
 
@@ -20,6 +24,18 @@ CHECKPOINT_HELP = (
     "seconds of work between progress snapshots of a running cell (in RESULTS/partial/; an interrupted "
     "run resumes from the last one); -1: none"
 )
+
+
+def _exec_options(args: argparse.Namespace) -> ExecOptions:
+    """How cells run, from the options `run` and `bench` share."""
+    from testtime.bench.experiment import ExecOptions
+
+    return ExecOptions(
+        device=args.device,
+        threads=args.threads,
+        cache_dir=args.cache_dir,
+        checkpoint_every=args.checkpoint_every,
+    )
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -39,7 +55,7 @@ def _seeds(values: list[str] | None) -> list[int]:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from testtime.adapt.config import parse_overrides
-    from testtime.bench.experiment import ExecOptions, RunConfig, print_error_table, run_experiment
+    from testtime.bench.experiment import RunConfig, print_error_table, run_experiment
 
     scen_opts = {
         k: getattr(args, k) for k in ("delta", "rounds", "imbalance_ratio", "unknown", "unknown_ratio")
@@ -67,12 +83,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         source_samples=args.source_samples,
         out=args.out,
         run_id=args.run_id,
-        exec=ExecOptions(
-            device=args.device,
-            threads=args.threads,
-            cache_dir=args.cache_dir,
-            checkpoint_every=args.checkpoint_every,
-        ),
+        exec=_exec_options(args),
     )
     out_dir = run_experiment(cfg, console)
     print_error_table(out_dir, Console())
@@ -159,7 +170,7 @@ def cmd_train_source(args: argparse.Namespace, console: Console) -> int:
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
-    from testtime.bench.experiment import ExecOptions, print_error_table
+    from testtime.bench.experiment import print_error_table
     from testtime.bench.suites import SUITES, SuiteArgs, run_suite
 
     if args.list or not args.suite:
@@ -171,12 +182,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         Console().print(t)
         return 0
     sargs = SuiteArgs(seeds=_seeds(args.seed), data=args.data, methods=_split(args.method) or None)
-    opts = ExecOptions(
-        device=args.device,
-        threads=args.threads,
-        cache_dir=args.cache_dir,
-        checkpoint_every=args.checkpoint_every,
-    )
+    opts = _exec_options(args)
     out_dir = run_suite(
         args.suite,
         sargs,

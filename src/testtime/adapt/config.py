@@ -8,15 +8,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from testtime.adapt.components.compile import compile_backends
 from testtime.errors import ConfigError
 
 C = TypeVar("C")
-
-
-def _compile_backends() -> list[str]:
-    from testtime.adapt.components.compile import compile_backends
-
-    return compile_backends()
 
 
 @dataclass
@@ -61,7 +56,7 @@ class MethodConfig:
             ("amp", self.amp in ("off", "bf16"), "must be off or bf16"),
             (
                 "compile",
-                self.compile == "off" or self.compile in _compile_backends(),
+                self.compile == "off" or self.compile in compile_backends(),
                 "must be off or a torch.compile backend (inductor, aot_eager, eager, ...)",
             ),
         ]

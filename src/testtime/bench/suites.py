@@ -94,12 +94,7 @@ def paper(args: SuiteArgs) -> list[Cell]:
     settings = [{**base, "scenario": "continual"}, {**base, "scenario": "reset_each_shift"}]
     cells = _grid(_methods(list_methods(), args), settings, args.seeds)
     # methods whose paper uses the source training set (AdaNPC's memory, CAFA's statistics) get it
-    return [
-        dataclasses.replace(c, source_samples=get_method(c.method).paper_source_samples)
-        if get_method(c.method).paper_source_samples
-        else c
-        for c in cells
-    ]
+    return [dataclasses.replace(c, source_samples=get_method(c.method).paper_source_samples) for c in cells]
 
 
 def scenarios(args: SuiteArgs) -> list[Cell]:

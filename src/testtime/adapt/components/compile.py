@@ -40,7 +40,7 @@ class CompiledForward:
     """`module.forward`, compiled with `backend`; deep-copies as a fresh compile of the copy."""
 
     def __init__(self, module: nn.Module, backend: str, eager_forward: Any) -> None:
-        self.module, self.backend, self.eager_forward = module, backend, eager_forward
+        self.module, self.backend = module, backend
         self.fn = torch.compile(eager_forward, backend=backend)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
