@@ -143,8 +143,9 @@ def test_guard_state_round_trips(source_model, noisy_stream, tmp_path):
 
 
 def test_guard_is_off_for_methods_without_adapted_state(source_model):
-    for name in ("source", "bn", "lame", "memo"):
+    for name in ("source", "bn", "lame", "memo", "alpha_bn"):
         assert adapt(source_model, name).guard is None
+    assert adapt(source_model, "alpha_bn", core=True, guard=True).guard is not None
 
 
 @pytest.mark.parametrize(

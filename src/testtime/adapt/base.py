@@ -74,6 +74,11 @@ class AdaptedModel(nn.Module):
     # labelled source (training) images the paper's own setting gives the method; `--suite paper`
     # passes that many (0: none, or the runner's default for methods that require some)
     paper_source_samples: ClassVar[int] = 0
+    # False: with the default configuration nothing but the random generator carries over from one
+    # batch to the next (no adapted weights, statistics, memory or teacher), so reset_each_shift is
+    # the same experiment as continual (identical, up to the random draws a reset replays);
+    # `--suite paper` runs such a method once
+    keeps_state: ClassVar[bool] = True
 
     def __init__(
         self, model: nn.Module, config: MethodConfig | None = None, source_data: SourceData | None = None

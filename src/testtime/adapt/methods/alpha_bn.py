@@ -16,6 +16,7 @@ pass used for the loss.
 | core | False | alpha-BN alone is the paper's training-free method; Core is its optional extension |
 | optimizer, lr | adam, 1e-3 | assumed from the Tent protocol the paper follows for CIFAR (Core only) |
 | steps | 1 | online, one update per batch (Core only) |
+| guard | False | nothing accumulates without Core (like `bn`); with `core=True` set `guard=True` to watch the training |
 
 Deviations:
 - No official implementation was found; the Core loss is reconstructed from the paper's
@@ -51,6 +52,7 @@ def class_correlation_loss(logits: torch.Tensor) -> torch.Tensor:
 class AlphaBNConfig(OptimConfig):
     alpha: float = 0.9
     core: bool = False
+    guard: bool = False  # no state accumulates unless core=True
     optimizer: str = "adam"
     lr: float = 1e-3
 
@@ -63,6 +65,7 @@ class AlphaBN(GradientMethod):
     """Source/test statistics mixed with weight alpha; optionally the Core class-correlation loss."""
 
     name = "alpha_bn"
+    keeps_state = False  # without the Core loss nothing is trained
     Config = AlphaBNConfig
     paper = "You et al., arXiv 2021"
     norm_policy = MixedStatsNorm

@@ -38,6 +38,7 @@ class BNAdapt(AdaptedModel):
     """BatchNorm layers normalise with the test batch's statistics; no parameter changes."""
 
     name = "bn"
+    keeps_state = False
     Config = BNConfig
     paper = "Schneider et al., NeurIPS 2020"
     config: BNConfig

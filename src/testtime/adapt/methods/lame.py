@@ -61,6 +61,7 @@ class LAME(AdaptedModel):
     """Output correction by Laplacian-regularised MLE on a kNN graph of the batch; no updates."""
 
     name = "lame"
+    keeps_state = False  # output correction of each batch alone
     Config = LAMEConfig
     paper = "Boudiaf et al., CVPR 2022"
     config: LAMEConfig

@@ -92,6 +92,7 @@ class MEMO(GradientMethod):
     """Per-sample, episodic marginal-entropy minimisation over AugMix views."""
 
     name = "memo"
+    keeps_state = False  # restored to the source after every image; only the random stream runs on
     Config = MEMOConfig
     paper = "Zhang et al., NeurIPS 2022"
     trainable = "all"

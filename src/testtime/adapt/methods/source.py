@@ -23,6 +23,7 @@ class Source(AdaptedModel):
     """No adaptation: the baseline every method is compared with."""
 
     name = "source"
+    keeps_state = False
     Config = SourceConfig
     paper = "-"
 
