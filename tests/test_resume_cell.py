@@ -108,7 +108,8 @@ def test_suite_keeps_progress_in_partial_and_drops_it_when_the_cell_is_written(t
     )
     from testtime.bench import suites
 
-    monkeypatch.setitem(suites.SUITES, "quick", suites.Suite("quick", "", suites.quick, (0,)))
+    doc = "One Tent cell,\n    interrupted."
+    monkeypatch.setitem(suites.SUITES, "quick", suites.Suite("quick", doc, suites.quick, (0,)))
     with pytest.raises(Interrupt):
         run_suite("quick", args, tmp_path, opts)
     partial = list((tmp_path / "quick" / "partial").glob("*.pt"))
@@ -120,6 +121,7 @@ def test_suite_keeps_progress_in_partial_and_drops_it_when_the_cell_is_written(t
     (cell,) = list((out / "cells").glob("*.json"))
     payload = json.loads(cell.read_text())
     assert len(payload["trace"]) == 3
+    assert "One Tent cell, interrupted." in (out / "summary.md").read_text()  # the suite's description
 
 
 def test_paper_suite_gives_the_source_set_to_methods_whose_paper_uses_it() -> None:

@@ -269,6 +269,8 @@ def render(out_dir: str | Path, plots: bool = True) -> Path:
         config = json.loads((out_dir / "config.json").read_text())
     lines = [f"# testtime results: {out_dir.name}", ""]
     if config:
+        if config.get("description"):
+            lines += [" ".join(str(config["description"]).split()), ""]
         lines += [
             f"- data: {config.get('data_description', '')}",
             f"- model: {config.get('model', '')}; seed(s): {config.get('seeds', config.get('seed'))}",
