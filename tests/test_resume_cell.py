@@ -122,6 +122,8 @@ def test_suite_keeps_progress_in_partial_and_drops_it_when_the_cell_is_written(t
     payload = json.loads(cell.read_text())
     assert len(payload["trace"]) == 3
     assert "One Tent cell, interrupted." in (out / "summary.md").read_text()  # the suite's description
+    execution = json.loads((out / "config.json").read_text())["execution"]
+    assert execution == {"backend": "local", "jobs": 1, "threads_per_worker": 1}
 
 
 def test_paper_suite_gives_the_source_set_to_methods_whose_paper_uses_it() -> None:

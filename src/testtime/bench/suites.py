@@ -233,6 +233,8 @@ def run_suite(
         if suite.describe_data
         else f"suite {suite_name} (data={args.data})",
         "model": "per dataset",
+        # how the cells ran (env's torch_threads is this parent process's, not the workers')
+        "execution": {"backend": backend, "jobs": jobs, "threads_per_worker": opts.threads or "cores / jobs"},
     }
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
