@@ -121,7 +121,11 @@ def test_suite_keeps_progress_in_partial_and_drops_it_when_the_cell_is_written(t
     (cell,) = list((out / "cells").glob("*.json"))
     payload = json.loads(cell.read_text())
     assert len(payload["trace"]) == 3
-    assert "One Tent cell, interrupted." in (out / "summary.md").read_text()  # the suite's description
+    assert payload["extra"]["device"] == "cpu (1 threads)"  # where the cell ran, with the threads it used
+    assert payload["extra"]["torch"] == torch.__version__
+    summary = (out / "summary.md").read_text()
+    assert "One Tent cell, interrupted." in summary  # the suite's description
+    assert f"- ran on cpu (1 threads), torch {torch.__version__}: tent" in summary
     execution = json.loads((out / "config.json").read_text())["execution"]
     assert execution == {"backend": "local", "jobs": 1, "threads_per_worker": 1}
 

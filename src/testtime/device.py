@@ -42,3 +42,13 @@ def select_device(name: str | torch.device | None = AUTO) -> torch.device:
     elif dev.type == "mps" and not mps_available():
         raise ConfigError(f"device {name} requested but Apple MPS is not available")
     return dev
+
+
+def describe_device(device: torch.device) -> str:
+    """A short label for results files: `cpu (N threads)`, `cuda:0 (NVIDIA H100 ...)`, `mps`."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)

@@ -92,8 +92,12 @@ class AdaptedModel(nn.Module):
         config.validate()
         self.config = config
         self.model = model
-        # labelled source (training) samples for methods that use them (CAFA stats, RMT warm-up, ...)
+        # labelled source (training) samples for methods that use them (CAFA stats, RMT warm-up, ...),
+        # kept on the model's device (and moved with this module by `.to()`)
         self.source_data = as_source_data(source_data)
+        device = next(iter(model.parameters()), torch.zeros(())).device
+        if self.source_data is not None:
+            self.source_data = (self.source_data[0].to(device), self.source_data[1].to(device))
         self.in_channels = first_conv_in_channels(model)
         if self.source_data is not None and self.in_channels not in (None, self.source_data[0].shape[1]):
             raise DataError(
@@ -130,6 +134,7 @@ class AdaptedModel(nn.Module):
         ]
         for net in self.counted_networks():
             compile_forward(net, config.compile)  # no-op for compile="off"
+        self.to(device)  # state made by the base and by setup() lives where the model does
         self._snapshot = self._capture()
 
     # ----------------------------------------------------------------- to implement
@@ -297,6 +302,13 @@ class AdaptedModel(nn.Module):
         super()._apply(fn, recurse)
         if self._reference is not None:
             self._reference._apply(fn, recurse)
+        if self.source_data is not None:  # a plain attribute, not a buffer: moved here
+            self.source_data = (fn(self.source_data[0]), fn(self.source_data[1]))
+        if self.optimizer is not None:  # its parameters moved in place; their moments follow
+            for state in self.optimizer.state.values():
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.dim() > 0:  # not the scalar step counts
+                        state[k] = fn(v)
         return self
 
     def train(self, mode: bool = True) -> AdaptedModel:

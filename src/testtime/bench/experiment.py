@@ -58,7 +58,7 @@ from testtime.data.streams import (
     check_scenario_options,
     list_scenarios,
 )
-from testtime.device import select_device
+from testtime.device import describe_device, select_device
 from testtime.errors import ConfigError, DataError
 from testtime.models.zoo import DEFAULT_MODEL, is_known_model, known_models_hint, load_model, model_info
 from testtime.utils import atomic_write_json, env_info, seed_everything
@@ -409,6 +409,8 @@ def execute_cell(
             log(f"{cell.cell_id}: resuming from {partial}")
     res = run_stream(prep.adapted, prep.stream, on_batch, partial, max(0.0, opts.checkpoint_every))
     res.extra["data"] = prep.stream.data.describe()
+    res.extra["device"] = describe_device(select_device(opts.device))
+    res.extra["torch"] = torch.__version__
     return cell_payload(cell, res, prep.adapted.describe())
 
 

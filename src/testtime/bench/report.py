@@ -249,6 +249,21 @@ def speed_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+NOT_RECORDED = "the machine of `versions` (cells that predate per-cell devices)"
+
+
+def device_lines(cells: list[dict[str, Any]]) -> list[str]:
+    """Where the cells ran, when they record it (cells written before that was recorded say nothing)."""
+    where: dict[str, set[str]] = {}
+    for c in cells:
+        extra = c.get("extra", {})
+        key = f"{extra['device']}, torch {extra.get('torch', '?')}" if "device" in extra else NOT_RECORDED
+        where.setdefault(key, set()).add(c["cell"]["method"])
+    if set(where) <= {NOT_RECORDED}:
+        return []
+    return [f"- ran on {k}: {', '.join(sorted(v))}" for k, v in sorted(where.items())]
+
+
 def render(out_dir: str | Path, plots: bool = True) -> Path:
     """(Re)write results.csv, trace.csv and summary.md (and plots when matplotlib is present)."""
     out_dir = Path(out_dir)
@@ -275,6 +290,7 @@ def render(out_dir: str | Path, plots: bool = True) -> Path:
             f"- data: {config.get('data_description', '')}",
             f"- model: {config.get('model', '')}; seed(s): {config.get('seeds', config.get('seed'))}",
             f"- versions: {json.dumps(config.get('env', {}))}",
+            *device_lines(cells),
             "",
         ]
     lines += [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from testtime.bench.ray_backend import import_ray, run_cells_ray
 from testtime.bench.report import render
 from testtime.bench.runner import Cell, write_payload
 from testtime.bench.speed import run_speed, speed_cells, stream_description
+from testtime.device import select_device
 from testtime.errors import ConfigError
 
 
@@ -178,11 +180,18 @@ def _execute_in_worker(cell: Cell, opts: ExecOptions) -> dict[str, Any]:
     return execute_cell(cell, opts)
 
 
+def pool_start_method(device: str) -> str | None:
+    """`spawn` for workers on an accelerator (CUDA cannot be used in a forked child), else the
+    platform's default (None)."""
+    return None if select_device(device).type == "cpu" else "spawn"
+
+
 def run_cells_pool(cells: list[Cell], opts: ExecOptions, out_dir: Path, jobs: int, console: Console) -> None:
     """Run cells in a local process pool; the parent writes each finished cell (no loss, no duplicates)."""
     threads = opts.threads or max(1, (os.cpu_count() or 1) // jobs)
     wopts = dataclasses.replace(opts, threads=threads)
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    context = multiprocessing.get_context(pool_start_method(opts.device))
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         pending: dict[Future, Cell] = {pool.submit(_execute_in_worker, c, wopts): c for c in cells}
         done_n = 0
         while pending:

@@ -62,7 +62,9 @@ def affine_pil(
     out = F.grid_sample(img[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
     out = out[0]
     inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
-    fill_t = torch.tensor(fill[:c_] if len(fill) >= c_ else fill[:1] * c_, dtype=img.dtype).view(-1, 1, 1)
+    fill_t = torch.tensor(
+        fill[:c_] if len(fill) >= c_ else fill[:1] * c_, dtype=img.dtype, device=img.device
+    ).view(-1, 1, 1)
     return torch.where(inside, out.floor().clamp(0, 255), fill_t)
 
 

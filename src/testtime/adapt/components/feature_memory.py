@@ -58,7 +58,7 @@ class FeatureMemory(nn.Module):
             return
         if n > free:  # only the newest `free` entries can be kept
             feats, labels, n = feats[-free:], labels[-free:], free
-        slots = p + (int(self.cursor) - p + torch.arange(n)) % free
+        slots = p + (int(self.cursor) - p + torch.arange(n, device=self.feats.device)) % free
         self.feats[slots] = feats
         self.labels[slots] = labels
         self.filled.fill_(min(cap, int(self.filled) + n))

@@ -66,7 +66,7 @@ class CollapseGuard(nn.Module):
         logits = logits.detach().float()
         pred = logits.argmax(1)
         n, window = len(pred), len(self.preds)
-        idx = (self.pos + torch.arange(min(n, window))) % window
+        idx = (self.pos + torch.arange(min(n, window), device=self.preds.device)) % window
         self.preds[idx] = pred[-window:]
         self.pos.copy_((self.pos + n) % window)
         ent = float(entropy(logits).mean()) / math.log(max(2, logits.shape[1]))

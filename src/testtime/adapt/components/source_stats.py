@@ -23,8 +23,9 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, logits) of every image in `x`, one forward pass per chunk of `batch_size`."""
     feats, logits = [], []
+    device = next(iter(model.parameters()), x).device
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].contiguous(memory_format=torch.channels_last)
+        xb = x[i : i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
         f, lg = tap(model, xb)
         feats.append(f.detach().float())
         logits.append(lg.detach().float())
@@ -86,7 +87,7 @@ def class_feature_stats(
 def regularised_inverse(covs: torch.Tensor, eps: float) -> torch.Tensor:
     """Inverse of (each) covariance after adding `eps` times the mean variance to its diagonal."""
     d = covs.shape[-1]
-    eye = torch.eye(d, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64, device=covs.device)
     c = covs.double()
     scale = torch.diagonal(c, dim1=-2, dim2=-1).mean(-1)[..., None, None]
     return torch.linalg.inv(c + eps * scale * eye).float()

@@ -83,7 +83,7 @@ class AdaNPC(AdaptedModel):
         fc = self.tap.classifier
         self.num_classes = fc.out_features
         n_src = 0 if self.source_data is None else len(self.source_data[1])
-        self.memory = FeatureMemory(n_src + self.config.test_capacity, fc.in_features)
+        self.memory = FeatureMemory(n_src + self.config.test_capacity, fc.in_features).to(fc.weight.device)
         if self.source_data is not None:
             x, y = self.source_data
             feats, _ = extract_features(self.model, self.tap, x, self.config.source_batch_size)

@@ -58,7 +58,9 @@ class T3A(AdaptedModel):
         self.model.requires_grad_(False)
         self.tap = FeatureTap(self.model)
         fc = self.tap.classifier
-        self.supports = ClassSupportSet(fc.out_features, self.config.filter_k, fc.in_features)
+        self.supports = ClassSupportSet(fc.out_features, self.config.filter_k, fc.in_features).to(
+            fc.weight.device
+        )
         with torch.no_grad():
             w = fc.weight.detach().float()
             warm = fc(w)  # the classifier's view of its own weight rows
