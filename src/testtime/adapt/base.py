@@ -95,8 +95,9 @@ class AdaptedModel(nn.Module):
         # labelled source (training) samples for methods that use them (CAFA stats, RMT warm-up, ...),
         # kept on the model's device (and moved with this module by `.to()`)
         self.source_data = as_source_data(source_data)
-        device = next(iter(model.parameters()), torch.zeros(())).device
-        if self.source_data is not None:
+        devices = {t.device for t in (*model.parameters(), *model.buffers())} or {torch.device("cpu")}
+        device = next(iter(devices)) if len(devices) == 1 else None  # None: a model split over devices
+        if self.source_data is not None and device is not None:
             self.source_data = (self.source_data[0].to(device), self.source_data[1].to(device))
         self.in_channels = first_conv_in_channels(model)
         if self.source_data is not None and self.in_channels not in (None, self.source_data[0].shape[1]):
@@ -134,7 +135,8 @@ class AdaptedModel(nn.Module):
         ]
         for net in self.counted_networks():
             compile_forward(net, config.compile)  # no-op for compile="off"
-        self.to(device)  # state made by the base and by setup() lives where the model does
+        if device is not None:  # state made by the base and by setup() lives where the model does
+            self.to(device)
         self._snapshot = self._capture()
 
     # ----------------------------------------------------------------- to implement
