@@ -57,6 +57,23 @@ TENSOR_CASES = {
     "huge_batch_1e30": (lambda: torch.full((4, 3, 32, 32), 1e30), DataError, "far outside the image range"),
     "huge_pixel_1e30": (lambda: _pixel(1e30), DataError, "far outside the image range"),
     "huge_negative_pixel": (lambda: _pixel(-1e30), DataError, "far outside the image range"),
+    # the common preprocessing mistakes: images left in 0..255, or mean/std-normalised (input_range=unit)
+    "float_0_255": (
+        lambda: torch.randint(0, 256, (4, 3, 32, 32)).float(),
+        DataError,
+        r"outside the image range \[0, 1\].*looks like 0..255 pixel values: divide by 255",
+    ),
+    "float64_0_255": (lambda: torch.rand(4, 3, 32, 32).double() * 255, DataError, "divide by 255"),
+    "dark_0_255": (lambda: torch.rand(4, 3, 32, 32) * 20, DataError, "divide by 255"),
+    "standardised": (
+        lambda: (torch.rand(4, 3, 32, 32) - 0.49) / 0.25,
+        DataError,
+        r"looks like mean/std-normalised.*input_range=any",
+    ),
+    "minus_one_to_one": (lambda: torch.rand(4, 3, 32, 32) * 2 - 1, DataError, "mean/std-normalised"),
+    "one_pixel_at_2": (lambda: _pixel(2.0), DataError, r"values in \[.*, 2\], outside the image range"),
+    "one_pixel_at_-1": (lambda: _pixel(-1.0), DataError, r"values in \[-1, .*\], outside the image range"),
+    "values_up_to_1000": (lambda: torch.rand(4, 3, 32, 32) * 1000, DataError, "scale the images to"),
     "list": (lambda: torch.rand(2, 3, 32, 32).tolist(), DataError, "torch.Tensor.*got list"),
     "numpy": (lambda: np.random.rand(4, 3, 32, 32).astype(np.float32), DataError, "got ndarray"),
     "none": (lambda: None, DataError, "got NoneType"),
@@ -102,6 +119,25 @@ def test_batch_of_one_through_batchnorm1d(method):
     with pytest.raises(DataError, match="more than one value per channel"):
         a(torch.rand(1, 3, 32, 32))
     assert state_hash(a) == h
+
+
+@pytest.mark.parametrize("method", ["tent", "bn"])
+def test_input_range_any_accepts_other_inputs(source_model, method):
+    """input_range=any: a model of one's own may take standardised inputs; only +-1e6 is refused."""
+    x = (torch.rand(4, 3, 32, 32) - 0.49) / 0.25
+    with pytest.raises(DataError, match="mean/std-normalised"):
+        adapt(source_model, method)(x)
+    a = adapt(source_model, method, input_range="any")
+    assert torch.isfinite(a(x)).all() and a.counters()["batches"] == 1
+    with pytest.raises(DataError, match="far outside the image range"):
+        a(torch.full((4, 3, 32, 32), 1e7))
+
+
+@pytest.mark.parametrize("value", [1.5, -0.5, 1.2, -0.2])
+def test_values_near_the_unit_range_are_accepted(source_model, value):
+    """Resampling overshoot or noise slightly outside [0, 1] is valid input (tolerance [-0.5, 1.5])."""
+    a = adapt(source_model, "tent")
+    assert torch.isfinite(a(_pixel(value))).all()
 
 
 def test_other_float_precisions_are_converted_not_rejected(source_model):
@@ -238,6 +274,8 @@ SOURCE_CASES = {
     "nan_images": ((torch.full((4, 3, 32, 32), float("nan")), torch.zeros(4)), "NaN or Inf"),
     "negative_labels": ((torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, -1])), "labels must be class"),
     "wrong_channels": ((torch.rand(4, 1, 32, 32), torch.zeros(4)), "1 channels, the model expects 3"),
+    "images_0_255": ((torch.rand(4, 3, 32, 32) * 255, torch.zeros(4)), "looks like 0..255.*divide by 255"),
+    "images_standardised": ((torch.rand(4, 3, 32, 32) * 4 - 2, torch.zeros(4)), "mean/std-normalised"),
 }
 
 

@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from testtime.data.corruptions import CORRUPTIONS, corrupt, corrupt_cached
+from testtime.data.cifar import CIFAR10C_CORRUPTIONS
+from testtime.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS, corrupt, corrupt_cached
 from testtime.errors import ConfigError, DataError
 
 # With the original CIFAR-10-C parameters these are not monotone in mean pixel distance: elastic's
@@ -124,3 +125,84 @@ def test_bad_images():
         corrupt(np.zeros((2, 28, 28, 3), np.uint8), "fog", 1)
     with pytest.raises(DataError, match="empty"):
         corrupt(np.zeros((0, 32, 32, 3), np.uint8), "fog", 1)
+
+
+# ---------------------------------------------------------------- validation corruptions
+
+
+def test_validation_corruptions_are_held_out():
+    assert VALIDATION_CORRUPTIONS == ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+    assert not set(VALIDATION_CORRUPTIONS) & set(CORRUPTIONS)
+    assert set(CIFAR10C_CORRUPTIONS) == set(CORRUPTIONS)  # the default streams never include them
+
+
+@pytest.mark.parametrize("name", VALIDATION_CORRUPTIONS)
+def test_validation_corruptions_shape_range_determinism(images, name):
+    outs = [corrupt(images, name, s, seed=0) for s in range(1, 6)]
+    for o in outs:
+        assert o.shape == images.shape and o.dtype == np.uint8
+        assert float(np.abs(o.astype(np.float64) - images).mean()) > 0.5, name
+    for a, b in itertools.pairwise(outs):
+        assert not np.array_equal(a, b)
+    assert np.array_equal(corrupt(images[:16], name, 4, seed=3), corrupt(images[:16], name, 4, seed=3))
+    if name != "saturate" and name != "gaussian_blur":  # the random ones depend on the seed
+        assert not np.array_equal(
+            corrupt(images[:16], name, 5, seed=0), corrupt(images[:16], name, 5, seed=1)
+        )
+
+
+@pytest.mark.parametrize("name", ["speckle_noise", "gaussian_blur"])
+def test_validation_noise_and_blur_are_monotone(images, name):
+    d = [float(np.abs(corrupt(images, name, s).astype(np.float64) - images).mean()) for s in range(1, 6)]
+    assert all(b >= a for a, b in itertools.pairwise(d)) and d[-1] > 1.5 * d[0], d
+
+
+def test_speckle_noise_scales_with_intensity(images):
+    f = images / 255.0
+    noise = corrupt(images, "speckle_noise", 5).astype(np.float64) / 255 - f
+    mid = (f > 0.3) & (f < 0.5)  # away from clipping: std = 0.2 * intensity
+    assert abs(noise[mid].std() / f[mid].mean() - 0.2) < 0.03
+
+
+def test_saturate_matches_hsv_definition(images):
+    import colorsys
+
+    for s, (scale, shift) in ((1, (0.3, 0.0)), (5, (2.5, 0.2))):
+        out = corrupt(images[:4], "saturate", s)
+        for px, got in zip(images[:4].reshape(-1, 3)[::37], out.reshape(-1, 3)[::37], strict=True):
+            h, sat, v = colorsys.rgb_to_hsv(*(px / 255.0))
+            ref = np.array(colorsys.hsv_to_rgb(h, min(max(sat * scale + shift, 0), 1), v)) * 255
+            assert np.all(np.abs(got - ref) <= 1.0), (px, got, ref)
+    # severities 1-2 desaturate, 3-5 saturate: the mean chroma moves the way the parameters say
+    chroma = {
+        s: float(np.ptp(corrupt(images, "saturate", s).astype(float), axis=3).mean()) for s in (1, 2, 3, 5)
+    }
+    base = float(np.ptp(images.astype(float), axis=3).mean())
+    assert chroma[2] < chroma[1] < base < chroma[3] < chroma[5]
+
+
+def test_spatter_mud_and_water(images):
+    for s in (4, 5):  # mud: pixels either untouched or blended towards brown
+        out = corrupt(images, "spatter", s).astype(int)
+        changed = np.any(out != images, axis=3)
+        assert 0.002 < changed.mean() < 0.3
+    for s in (1, 2, 3):  # water: pale turquoise added, pixels only get brighter
+        out = corrupt(images, "spatter", s).astype(int)
+        assert np.all(out >= images.astype(int) - 1) and np.any(out > images)
+
+
+def test_validation_corruptions_selectable_in_streams_but_not_default(embedded, tmp_path):
+    from testtime.data.cifar import ImageSet
+    from testtime.data.streams import CorruptedDataset, StreamSpec, build_stream
+
+    small = ImageSet(embedded.x[:40], embedded.y[:40], "embedded subset")
+    data = CorruptedDataset(small, cache_dir=tmp_path)
+    assert "spatter" not in data.domain_names() and "spatter" in data.extra_domain_names()
+    stream = build_stream(
+        "continual", StreamSpec(data=data, corruptions=VALIDATION_CORRUPTIONS, batch_size=20)
+    )
+    assert [d.corruption for d in stream.domains] == list(VALIDATION_CORRUPTIONS)
+    x, _ = data.get(stream.domains[2])
+    assert x.shape == small.x.shape and not np.array_equal(x, small.x)
+    with pytest.raises(ConfigError, match="unknown corruption"):
+        build_stream("continual", StreamSpec(data=data, corruptions=("speckle",)))

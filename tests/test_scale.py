@@ -102,11 +102,39 @@ PROBLEM = Problem("p0", "Calculate 2 + 3.", "5")
 # ---------------------------------------------------------------------------------------------- answers
 @pytest.mark.parametrize(
     ("text", "want"),
-    [("so \\boxed{42} done", "42"), ("blah #### 1,234", "1234"), ("The answer is -7.", "-7"),
-     ("Answer: 3.0", "3"), ("2 + 3 = 5 and then 6", "6"), ("no digits here", None), ("", None)],
-)  # fmt: skip
+    [
+        # 1. an explicitly stated final answer wins (the last one stated)
+        ("so \\boxed{42} done", "42"),
+        ("\\boxed{\\frac{1}{2}} and later 7 = 7", "\\frac{1}{2}"),
+        ("blah #### 1,234", "1234"),
+        ("The answer is -7.", "-7"),
+        ("Answer: 3.0", "3"),
+        ("Final answer is: 11.", "11"),
+        ("12 + 3 = 15, so the answer is 15. Check: 15 - 3 = 12", "15"),
+        ("Answer: 4\nWait, 2 + 3 = 5.\nAnswer: 5", "5"),
+        ("The answer is 17 + 25 = 42.", "42"),  # an answer written as an equation gives its result
+        ("The answer is (2 + 3) * 2 = 10", "10"),
+        # 2. else the result of the last equation, not a restated operand
+        ("17 + 25 = 32. Let me double-check: it is indeed 17 + 25.", "32"),
+        ("2 + 3 = 5 and then 6", "5"),
+        ("8 + 3 = 11\n11 + 4 = 15\nso 3", "15"),
+        ("5 + 33 equals 38, I think, from 5 and 33", "38"),
+        ("x <= 3 and y == 4 give 9", "9"),  # comparisons are not equations: 3. applies
+        # 3. else the last number
+        ("I would add 5 to 58, which is 80, right", "80"),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
 def test_extract_answer(text: str, want: str | None) -> None:
     assert extract_answer(text) == want
+
+
+def test_extract_answer_on_the_issue_example() -> None:
+    """`scale solve "Calculate 17 + 25."` once answered 25 from this sample (the last number)."""
+    text = "To calculate 17 + 25, add them: 17 + 25 = 32. Let me double-check: 32 is the sum, it is indeed 17 + 25."
+    assert extract_answer(text) == "32"
+    assert normalise("80,") == "80"  # a number followed by a comma
 
 
 def test_answer_equivalence() -> None:
@@ -362,6 +390,14 @@ def test_bench_writes_curves_and_resumes_without_regenerating(tmp_path) -> None:
     for k in ("beam_search", "dvts", "iterative_deepening"):
         assert (k, 2) in by and (k, 4) in by
     assert any(r["strategy"] == "compute_optimal" for r in rows)
+    # the policy fitted on all problems, for `scale solve --strategy compute_optimal --policy policy.json`
+    pol = ComputeOptimalPolicy.load(tmp_path / "policy.json")
+    assert any(("greedy", 1) in b for b in pol.table) and pol.options["beam_search"]["width"] == 2
+    co = make_strategy("compute_optimal", policy=str(tmp_path / "policy.json"))
+    assert (
+        co.run(problems[0], ScriptedGenerator(script), make_verifier(cfg.verifier)).answer
+        == problems[0].answer
+    )
     for f in ("curves.csv", "per_problem.csv", "summary.md", "accuracy_vs_n.png", "accuracy_vs_tokens.png",
               "accuracy_vs_seconds.png"):  # fmt: skip
         assert (tmp_path / f).stat().st_size > 0
@@ -407,6 +443,8 @@ def test_pool_estimates_are_exact_at_full_pool() -> None:
 def test_bench_config_errors() -> None:
     with pytest.raises(ConfigError, match="unknown search"):
         ScaleBenchConfig(search=["mcts"]).check()
+    with pytest.raises(ConfigError, match="every bench evaluates it"):
+        ScaleBenchConfig(search=["compute_optimal"]).check()
     with pytest.raises(ConfigError, match=">= 1"):
         ScaleBenchConfig(max_n=0).check()
 
@@ -422,3 +460,97 @@ def test_cli_scale_errors(capsys) -> None:
     assert "unknown strategy" in capsys.readouterr().err
     assert main(["scale", "solve", "2+2?", "--backend", "openai"]) == 2
     assert "--base-url" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- scale solve output, compute_optimal
+def _issue_script(prompt: str, k: int) -> str:
+    """Even samples compute 17 + 25 right and state it; odd ones get it wrong and restate the operands."""
+    if k % 2 == 0:
+        return "17 + 25 = 42\nAnswer: 42"
+    return "17 + 25 = 32. Let me double-check: it is indeed 17 + 25."
+
+
+def test_solve_shows_every_sample_answer_and_the_votes(monkeypatch, capsys) -> None:
+    import testtime.scale.cli as scale_cli
+
+    monkeypatch.setattr(scale_cli, "_generator", lambda args: ScriptedGenerator(_issue_script))
+    q = ["scale", "solve", "Calculate 17 + 25.", "--strategy", "majority", "-n", "3"]
+    assert main([*q, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [s["answer"] for s in out["samples"]] == ["42", "32", "42"]  # 32, not the restated 25
+    assert out["votes"] == {"42": 2.0, "32": 1.0} and out["answer"] == "42"
+    assert main(q) == 0
+    text = capsys.readouterr().out
+    assert "votes (samples): 42: 2, 32: 1" in text and "answer: 42" in text
+    assert "the last equation" in " ".join(text.split())  # the extraction rule is shown
+    # weighted vote shows the verifier's weights; best-of-N each sample's score
+    assert (
+        main(["scale", "solve", "Calculate 17 + 25.", "--strategy", "weighted_vote", "-n", "3", "--json"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["votes"]) == {"42", "32"} and out["votes"]["42"] > out["votes"]["32"]
+    assert main(["scale", "solve", "Calculate 17 + 25.", "--strategy", "best_of_n", "-n", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["votes"] is None and all(s["score"] is not None for s in out["samples"])
+    assert main([*q, "--policy", "p.json"]) == 2
+    assert "--policy applies to --strategy compute_optimal only" in capsys.readouterr().err
+
+
+def test_compute_optimal_is_a_named_strategy(monkeypatch, capsys, tmp_path) -> None:
+    import testtime.scale.cli as scale_cli
+    from testtime.scale.strategies import STRATEGIES
+
+    assert STRATEGIES["compute_optimal"] is ComputeOptimal
+    # without a policy: the pilot's answer when the pilot agrees (no more samples) ...
+    agree = make_strategy("compute_optimal", n=8).run(PROBLEM, ScriptedGenerator(arithmetic_script({})))
+    assert agree.answer == "5" and agree.n_samples == 4 and agree.info["difficulty"] == 0.0
+    # ... else majority vote over up to n samples in all, within the token budget
+    gen = ScriptedGenerator(
+        arithmetic_script({0: "5", 1: "6", 2: "5", 3: "7", 4: "5", 5: "5", 6: "5", 7: "5"})
+    )
+    hard = make_strategy("compute_optimal", n=8).run(PROBLEM, gen)
+    assert hard.n_samples == 8 and hard.info["chosen"] == "majority@8" and hard.answer == "5"
+    assert [c["n"] for c in gen.calls] == [
+        4,
+        4,
+    ]  # the pilot, then 4 more with a new seed (not the pilot again)
+    assert [c.answer for c in hard.candidates] == ["5", "6", "5", "7", "6", "5", "7", "5"]
+    small = make_strategy("compute_optimal", n=8, budget_tokens=40).run(
+        PROBLEM, ScriptedGenerator(gen.script)
+    )
+    per_sample = small.candidates[0].n_tokens
+    assert small.n_samples == 4 + (40 - 4 * per_sample) // per_sample < 8
+    # with a policy (object or file), the policy chooses
+    rows = [{"problem": i, "difficulty": 0.6, "strategy": "majority", "n": 2, "correct": 1.0, "tokens": 10}
+            for i in range(4)]  # fmt: skip
+    pol = ComputeOptimalPolicy(n_bins=1).fit(rows)
+    pol.save(tmp_path / "policy.json")
+    assert ComputeOptimalPolicy.load(tmp_path / "policy.json") == pol
+    r = make_strategy("compute_optimal", policy=str(tmp_path / "policy.json")).run(
+        PROBLEM, ScriptedGenerator(gen.script)
+    )
+    assert r.info["chosen"] == "majority@2" and r.n_samples == 4 + 2
+    for content, match in [("{", "cannot read the policy"), ('{"n_bins": 1}', "not a compute-optimal policy"),
+                           ('{"n_bins": 1, "edges": [], "table": [[{"strategy": "mcts", "n": 1, "accuracy": 1, '
+                            '"tokens": 1}]]}', "unknown strategies: mcts")]:  # fmt: skip
+        (tmp_path / "bad.json").write_text(content)
+        with pytest.raises(DataError, match=match):
+            make_strategy("compute_optimal", policy=str(tmp_path / "bad.json"))
+    with pytest.raises(DataError, match="policy file not found"):
+        make_strategy("compute_optimal", policy=str(tmp_path / "missing.json"))
+    with pytest.raises(ConfigError, match="pilot_n"):
+        make_strategy("compute_optimal", pilot_n=0)
+    # on the command line
+    assert main(["scale", "strategies"]) == 0
+    assert "compute_optimal" in capsys.readouterr().out
+    monkeypatch.setattr(scale_cli, "_generator", lambda args: ScriptedGenerator(_issue_script))
+    assert (
+        main(["scale", "solve", "Calculate 17 + 25.", "--strategy", "compute_optimal", "-n", "6", "--json"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["chosen"] == "majority@6" and out["votes"] == {"42": 3.0, "32": 3.0} and out["n_samples"] == 6
+    pol_args = ["--policy", str(tmp_path / "policy.json")]
+    assert main(["scale", "solve", "Calculate 17 + 25.", "--strategy", "compute_optimal", *pol_args]) == 0
+    assert "chose majority@2" in capsys.readouterr().out

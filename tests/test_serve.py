@@ -102,7 +102,7 @@ def test_health_and_metrics(tiny):
             assert c.post("/predict", content=encode_npy(images(4, i)), headers=NPY).status_code == 200
         assert c.post("/predict", content=b"", headers=NPY).status_code == 400
         assert c.post("/reset").json() == {"status": "reset", "resets": 1}
-        m = c.get("/metrics").json()
+        m = c.get("/metrics.json").json()
     assert m["requests"] == 4 and m["images"] == 12 and m["errors"] == 1 and m["server_errors"] == 0
     assert m["adapted_batches"] == 3 and m["adapted_images"] == 12  # counters survive reset()
     assert m["resets"] == 1 and m["restores"] == adapted.counters().get("restores", 0)
@@ -180,7 +180,7 @@ def test_bad_inputs_give_one_clear_error_and_leave_the_state_unchanged(tiny):
             assert "\n" not in body["error"] and r.headers["X-Request-Id"] == name
             assert state_digest(adapted) == before, name
         assert adapted.counters() == counters
-        m = c.get("/metrics").json()
+        m = c.get("/metrics.json").json()
         assert m["errors"] == len(BAD) and m["adapted_batches"] == 1 and m["server_errors"] == 0
         # still serving, and the sequence continues without gaps
         assert c.post("/predict", content=encode_npy(images(2)), headers=NPY).json()["seq"] == 2
@@ -220,13 +220,13 @@ def test_periodic_snapshots(tiny, tmp_path):
     with serving(adapted, state_path=path, snapshot_interval_s=0.2) as c:
         c.post("/predict", content=encode_npy(images(4)), headers=NPY).raise_for_status()
         deadline = time.monotonic() + 10
-        while c.get("/metrics").json()["snapshots"] < 1 and time.monotonic() < deadline:
+        while c.get("/metrics.json").json()["snapshots"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert path.is_file()
         copy = fresh(tiny)
         copy.load_state(path)
         assert state_digest(copy) == state_digest(adapted)
-        m = c.get("/metrics").json()
+        m = c.get("/metrics.json").json()
         assert m["snapshots"] >= 1 and m["snapshot_errors"] == 0 and m["last_snapshot_unix"] > 0
 
 
@@ -269,7 +269,7 @@ def test_concurrent_requests_are_serialised(tiny):
             t.start()
         for t in threads:
             t.join(60)
-        metrics = httpx.get(f"{srv.url}/metrics").json()
+        metrics = httpx.get(f"{srv.url}/metrics.json").json()
     assert set(answers) == set(batches) and all(len(v) == 1 for v in answers.values())
     seq = {rid: v[0]["seq"] for rid, v in answers.items()}
     assert sorted(seq.values()) == list(range(1, 41))
@@ -335,6 +335,7 @@ def test_cli_help(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "/predict" in out and "--snapshot-interval" in out and "--clients" in out
+    assert "--snapshot-every-batches" in out and "--body-timeout" in out and "--max-concurrent" in out
 
 
 def test_without_fastapi_core_imports_and_serve_says_what_to_install():

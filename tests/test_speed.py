@@ -128,6 +128,11 @@ def test_speed_suite_output_schema(tmp_path, monkeypatch):
     assert summary["table"][0].startswith("| method | images | batch | img/s | x inference")
     cfg = json.loads((out / "config.json").read_text())
     assert "embedded CIFAR-10" in cfg["data_description"] and "contrast" in cfg["data_description"]
+    assert {"fast", "how", "factor", "cpu_capability", "summary"} <= set(cfg["precision"])
+    assert {m["bf16"] for m in summary["methods"]} == {0.0}  # amp off: float32
+    assert summary["table"][2].split(" | ")[5] == "fp32" and "This machine: bf16" in "\n".join(
+        summary["table"]
+    )
 
     # a second run replaces the first one's results: the table is always one run
     run_suite("speed", SuiteArgs(methods=["source"]), tmp_path, ExecOptions(threads=1))
@@ -135,15 +140,42 @@ def test_speed_suite_output_schema(tmp_path, monkeypatch):
     assert len(list((out / "cells").glob("*.json"))) == 1
 
 
-def test_speed_bf16_suite_runs_every_method_under_autocast(tmp_path, monkeypatch):
-    cells = SUITES["speed_bf16"].build(SuiteArgs(methods=["source", "tent"], seeds=[0]))
-    assert [dict(c.overrides) for c in cells] == [{"amp": "bf16"}, {"amp": "bf16"}]
+@pytest.mark.parametrize(
+    ("suite", "world", "label"),
+    [
+        ("speed_bf16", "fast", "bf16"),
+        ("speed_bf16", "slow", "fp32 (bf16 slow here)"),
+        ("speed_auto", "fast", "bf16 (auto)"),
+        ("speed_auto", "slow", "fp32 (auto)"),
+    ],
+)
+def test_speed_precision_suites_state_the_precision_that_ran(tmp_path, monkeypatch, suite, world, label):
+    """amp=bf16 / amp=auto under bf16 detection forced fast or slow ($TESTTIME_BF16): the precision
+    column and speed.json say what ran, and the run records the detection."""
+    from testtime import precision
+
+    amp = {"speed_bf16": "bf16", "speed_auto": "auto"}[suite]
+    cells = SUITES[suite].build(SuiteArgs(methods=["source", "tent"], seeds=[0]))
+    assert [dict(c.overrides) for c in cells] == [{"amp": amp}, {"amp": amp}]
+    monkeypatch.setenv(precision.ENV, world)
+    precision.clear_cache()
     monkeypatch.setattr(speed, "CORRUPTIONS", ("gaussian_noise",))
     monkeypatch.setattr(speed, "PER_DOMAIN", 8)
     monkeypatch.setattr(speed, "BATCH_SIZE", 8)
-    out = run_suite("speed_bf16", SuiteArgs(methods=["tent"]), tmp_path, ExecOptions(threads=1))
-    (m,) = json.loads((out / "speed.json").read_text())["methods"]
+    out = run_suite(suite, SuiteArgs(methods=["tent"]), tmp_path, ExecOptions(threads=1))
+    summary = json.loads((out / "speed.json").read_text())
+    (m,) = summary["methods"]
     assert m["method"] == "tent" and m["n_images"] == 8 and m["backward_per_image"] == 1
+    assert m["bf16"] == (world == "fast") and m["amp_requested"] == precision.AMP_CODES[amp]
+    assert summary["table"][0].split(" | ")[5] == "precision"
+    assert summary["table"][2].split(" | ")[5] == label
+    assert (
+        summary["precision"]["fast"] is (world == "fast") and "TESTTIME_BF16" in summary["precision"]["how"]
+    )
+    assert "capability" in summary["precision"]["summary"]
+    assert json.loads((out / "config.json").read_text())["precision"]["fast"] is (world == "fast")
+    assert label in (out / "summary.md").read_text()
+    precision.clear_cache()
 
 
 def test_speed_compile_suite_times_after_an_untimed_compiling_pass(tmp_path, monkeypatch):

@@ -26,6 +26,70 @@ CHECKPOINT_HELP = (
 )
 
 
+THREADS_HELP = (
+    "torch CPU threads (0: auto, half of torch's default of one per physical core, at least 1, or "
+    "$OMP_NUM_THREADS; more threads than free cores make small batches many times slower)"
+)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends `(default: X)` only where the help text does not already state a default and there
+    is one to state (not None/False), so `--help` never shows `(default 0.1) (default: None)`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default is None
+            or action.default is False
+            or not action.option_strings
+        ):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the defaults formatter above, and errors that list the valid options.
+
+    Sub-commands are built with this class too (argparse uses the parent's class), so an unknown
+    option of `testtime run` names the options `run` takes, with the closest match first.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("formatter_class") is argparse.ArgumentDefaultsHelpFormatter:
+            kwargs["formatter_class"] = DefaultsHelpFormatter
+        super().__init__(*args, **kwargs)
+
+    def _command_parser(self, ns: argparse.Namespace) -> Parser:
+        """The (sub-)parser of the command named in `ns`, e.g. the `scale solve` parser."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(ns, action.dest, None) or "")
+                if isinstance(chosen, Parser):
+                    return chosen._command_parser(ns)
+        return self
+
+    def options_hint(self, unknown: Sequence[str]) -> str:
+        import difflib
+
+        valid = sorted({s for a in self._actions for s in a.option_strings if s.startswith("--")})
+        close = [
+            m
+            for u in unknown
+            if u.startswith("-")
+            for m in difflib.get_close_matches(u.split("=")[0], valid, n=1, cutoff=0.6)
+        ]
+        hint = f"did you mean {', '.join(dict.fromkeys(close))}? " if close else ""
+        return f"{hint}valid options of `{self.prog}`: {', '.join(valid)}"
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            target = self._command_parser(ns)
+            target.error(f"unrecognized arguments: {' '.join(extras)}\n{target.options_hint(extras)}")
+        return ns
+
+
 def _exec_options(args: argparse.Namespace) -> ExecOptions:
     """How cells run, from the options `run` and `bench` share."""
     from testtime.bench.experiment import ExecOptions
@@ -36,6 +100,15 @@ def _exec_options(args: argparse.Namespace) -> ExecOptions:
         cache_dir=args.cache_dir,
         checkpoint_every=args.checkpoint_every,
     )
+
+
+def _threads(requested: int, console: Console, jobs: int = 1) -> int:
+    """`--threads`: as given, or for 0 (auto) `auto_threads()` shared among `jobs` workers."""
+    if requested:  # a negative count is refused with the other inputs
+        return requested
+    from testtime.device import auto_threads
+
+    return max(1, auto_threads() // max(1, jobs))
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -57,6 +130,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from testtime.adapt.config import parse_overrides
     from testtime.bench.experiment import RunConfig, print_error_table, run_experiment
 
+    args.threads = _threads(args.threads, console)
     scen_opts = {
         k: getattr(args, k) for k in ("delta", "rounds", "imbalance_ratio", "unknown", "unknown_ratio")
     }
@@ -87,8 +161,19 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     )
     out_dir = run_experiment(cfg, console)
     print_error_table(out_dir, Console())
-    console.print(f"results: {out_dir}/ (results.csv, summary.md, trace.csv, config.json)")
+    console.print(
+        f"results: {out_dir}/ (results.csv, summary.md, trace.csv, config.json)", soft_wrap=True, markup=False
+    )
     return 0
+
+
+def print_table(table: Table, console: Console | None = None) -> None:
+    """Print `table` wrapping long values (and folding words wider than their column) instead of
+    cutting them off with an ellipsis, whatever the terminal width."""
+    for col in table.columns:
+        col.overflow = "fold"
+        col.no_wrap = False
+    (console or Console()).print(table)
 
 
 def cmd_methods(args: argparse.Namespace, console: Console) -> int:
@@ -100,14 +185,17 @@ def cmd_methods(args: argparse.Namespace, console: Console) -> int:
     t.add_column("paper")
     t.add_column("min batch")
     t.add_column("options (defaults)" if args.verbose else "summary")
+    if args.verbose:
+        t.add_column("what adapts (BatchNorm / GroupNorm / LayerNorm)")
     for name in list_methods():
         cls = get_method(name)
         if args.verbose:
             opts = ", ".join(f"{n}={d}" for n, _, d in config_table(cls.Config()))
         else:
             opts = (cls.__doc__ or "").strip().splitlines()[0]
-        t.add_row(name, cls.paper, str(cls.min_batch_size), opts)
-    Console().print(t)
+        norms = [cls.norm_support.summary() if cls.norm_support else "not stated"] if args.verbose else []
+        t.add_row(name, cls.paper, str(cls.min_batch_size), opts, *norms)
+    print_table(t)
     return 0
 
 
@@ -119,7 +207,7 @@ def cmd_scenarios(args: argparse.Namespace, console: Console) -> int:
     t.add_column("description")
     for k, v in list_scenarios().items():
         t.add_row(k, v)
-    Console().print(t)
+    print_table(t)
     return 0
 
 
@@ -131,13 +219,13 @@ def cmd_models(args: argparse.Namespace, console: Console) -> int:
         t.add_column(c)
     for m in SHIPPED.values():
         t.add_row(m.name, m.arch, m.dataset, m.sha256[:12] + "…", m.description)
-    Console().print(t)
+    print_table(t)
     p = Table(title="published models (downloaded and cached, or --model-path FILE)")
     p.add_column("name")
     p.add_column("description")
     for name, desc in published_models().items():
         p.add_row(name, desc)
-    Console().print(p)
+    print_table(p)
     Console().print(f"architectures: {', '.join(ARCHS)}")
     return 0
 
@@ -145,9 +233,33 @@ def cmd_models(args: argparse.Namespace, console: Console) -> int:
 def cmd_train_source(args: argparse.Namespace, console: Console) -> int:
     import numpy as np
 
-    from testtime.data.cifar import load_cifar10
+    from testtime.data.cifar import find_cifar10, load_cifar10
+    from testtime.errors import ConfigError
     from testtime.models.train import TrainConfig, train_source
+    from testtime.models.zoo import ARCHS
 
+    # every input is checked before 60,000 images are read
+    if args.arch not in ARCHS:
+        raise ConfigError(f"unknown architecture {args.arch!r}; known: {', '.join(sorted(ARCHS))}")
+    for name, value, lo in (
+        ("--epochs", args.epochs, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--seed", args.seed, 0),
+        ("--threads", args.threads, 0),
+        ("--stop-after", args.stop_after, 0),
+    ):
+        if value is not None and value < lo:
+            raise ConfigError(f"{name} must be >= {lo}, got {value}")
+    if not (args.lr > 0 and args.lr < float("inf")):
+        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
+    if find_cifar10(args.data) is None:  # an explicit --data that does not exist raises here
+        raise ConfigError(
+            "train-source needs the full CIFAR-10 (the 2,000 shipped test images are not a training set); "
+            "pass --data PATH, set $TESTTIME_DATA, or download it with "
+            "`python -c 'from testtime.data.cifar import download_cifar10; download_cifar10()'` "
+            "(to ~/.cache/testtime/data, which is searched)"
+        )
+    args.threads = _threads(args.threads, console)
     cfg = TrainConfig(
         arch=args.arch,
         epochs=args.epochs,
@@ -163,7 +275,9 @@ def cmd_train_source(args: argparse.Namespace, console: Console) -> int:
     train_source(
         cfg, (train.x, train.y), (test.x, test.y.astype(np.int64)), args.out, stop_after=args.stop_after
     )
-    console.print(f"weights: {args.out}/{cfg.arch}.pt  log: {args.out}/train_log.json")
+    console.print(
+        f"weights: {args.out}/{cfg.arch}.pt  log: {args.out}/train_log.json", soft_wrap=True, markup=False
+    )
     return 0
 
 
@@ -179,9 +293,16 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         t.add_column("description")
         for s in SUITES.values():
             t.add_row(s.name, " ".join(s.description.split()))
-        Console().print(t)
+        print_table(t)
         return 0
-    sargs = SuiteArgs(seeds=_seeds(args.seed), data=args.data, methods=_split(args.method) or None)
+    sargs = SuiteArgs(
+        seeds=_seeds(args.seed),
+        data=args.data,
+        methods=_split(args.method) or None,
+        n_per_domain=args.n_per_domain,
+    )
+    if args.backend == "local":  # Ray workers choose theirs where they run
+        args.threads = _threads(args.threads, console, jobs=args.jobs)
     opts = _exec_options(args)
     out_dir = run_suite(
         args.suite,
@@ -194,7 +315,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         ray_address=args.ray_address,
     )
     print_error_table(Path(out_dir), Console())
-    console.print(f"results: {out_dir}/ (results.csv, summary.md, plots)")
+    console.print(f"results: {out_dir}/ (results.csv, summary.md, plots)", soft_wrap=True, markup=False)
     return 0
 
 
@@ -202,11 +323,16 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
     from testtime.bench.experiment import print_error_table
-    from testtime.bench.report import render
+    from testtime.bench.report import render_files
 
-    path = render(Path(args.results_dir), plots=not args.no_plots)
-    print_error_table(Path(args.results_dir), Console())
-    console.print(f"wrote {path}")
+    out_dir = Path(args.results_dir)
+    written = render_files(out_dir, plots=not args.no_plots)
+    print_error_table(out_dir, Console())
+    source = "cells/" if (out_dir / "cells").is_dir() else "results.csv"
+    names = ", ".join(p.name for p in written)
+    console.print(
+        f"wrote in {out_dir}/ from {source}: {names}", soft_wrap=True, markup=False, highlight=False
+    )
     return 0
 
 
@@ -242,12 +368,16 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
         class_names=classes,
         state_path=args.state,
         snapshot_interval_s=args.snapshot_interval,
+        snapshot_every_batches=args.snapshot_every_batches,
         max_batch=args.max_batch,
+        body_timeout_s=args.body_timeout,
+        max_concurrent=args.max_concurrent,
     )
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     where = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    state = f"; state {args.state}, snapshot every {args.snapshot_interval:g} s" if args.state else ""
+    every = f" and every {args.snapshot_every_batches} batches" if args.snapshot_every_batches else ""
+    state = f"; state {args.state}, snapshot every {args.snapshot_interval:g} s{every}" if args.state else ""
     console.print(
         f"serving {args.method} on {name} at {where}{state} (Ctrl-C stops)", soft_wrap=True, markup=False
     )
@@ -303,7 +433,7 @@ def cmd_serve_check(args: argparse.Namespace, console: Console) -> int:
         *((f"check: {k}", "PASS" if v else "FAIL") for k, v in res["checks"].items()),
     ]:
         t.add_row(k, v)
-    Console().print(t)
+    print_table(t)
     console.print(f"{'all checks passed' if res['passed'] else 'CHECKS FAILED'}; wrote {res['path']}")
     return 0 if res["passed"] else 1
 
@@ -328,7 +458,7 @@ def _add_served_model(p: argparse.ArgumentParser, paths: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="testtime",
         description="Test-time adaptation benchmark and tools. `testtime run` with no arguments runs "
         "Source, BN-adapt and Tent on the embedded CIFAR-10-C-style continual stream.",
@@ -366,7 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--unknown-ratio", type=float, help="open_set fraction of unknown samples (default 0.5)")
     r.add_argument("--severity", type=int, default=5, help="corruption severity 1..5")
-    r.add_argument("--batch-size", "-b", type=int, default=200)
+    r.add_argument(
+        "--batch-size",
+        "-b",
+        type=int,
+        default=200,
+        help="test images per batch (the method predicts and adapts once per batch)",
+    )
     r.add_argument(
         "--data",
         default="embedded",
@@ -390,12 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="imagenet_c: list file of relative image paths <wnid>/<file> to use (e.g. RobustBench's "
         "5,000-image imagenet_test_image_ids.txt; default: every image)",
     )
-    r.add_argument("--corruptions", action="append", help="subset of corruptions, comma-separated")
+    r.add_argument(
+        "--corruptions",
+        action="append",
+        help="subset of corruptions, comma-separated; also the held-out validation corruptions "
+        "speckle_noise,gaussian_blur,spatter,saturate (never in the default streams)",
+    )
     r.add_argument(
         "--n-per-domain",
         type=int,
         help=f"use only this many images per corruption (default: {EMBEDDED_N_PER_DOMAIN} of the embedded "
-        "2,000, which keeps the default run under 3 minutes on 2 CPU cores; all images otherwise)",
+        "2,000 for --data embedded; all images otherwise)",
     )
     r.add_argument(
         "--source-samples",
@@ -418,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--arch", help="architecture for --model-path")
     r.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N] or mps")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    r.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     r.add_argument("--checkpoint-every", type=float, default=600.0, help=CHECKPOINT_HELP)
     r.add_argument(
         "--option",
@@ -447,14 +588,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a source model on the CIFAR-10 training split",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    t.add_argument("--data", help="CIFAR-10 npz or cifar-10-batches-py directory (default: search)")
-    t.add_argument("--arch", default="resnet26")
-    t.add_argument("--epochs", type=int, default=60)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0)
-    t.add_argument("--no-bf16", action="store_true", help="train in float32 (slower on CPU)")
+    t.add_argument(
+        "--data",
+        help="CIFAR-10 npz or cifar-10-batches-py directory (default: search $TESTTIME_DATA, "
+        "../shared/data and ~/.cache/testtime/data)",
+    )
+    t.add_argument("--arch", default="resnet26", help="architecture to train (see `testtime models`)")
+    t.add_argument(
+        "--epochs", type=int, default=60, help="training epochs (cosine schedule over all of them)"
+    )
+    t.add_argument("--batch-size", "-b", type=int, default=128, help="training images per SGD step")
+    t.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (after a 2-epoch warm-up)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initialisation, order and augmentation")
+    t.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    t.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="train in float32 always (default: bf16 autocast where this CPU runs bf16 fast, else float32)",
+    )
     t.add_argument(
         "--stop-after", type=int, default=None, help="end after this epoch (resume later from the checkpoint)"
     )
@@ -471,6 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--seed", action="append", help="seeds, comma-separated (default: the suite's)")
     bn.add_argument("--method", "-m", action="append", help="restrict to these methods")
     bn.add_argument("--data", default="auto", help="clean CIFAR-10 for full-data suites: auto or a path")
+    bn.add_argument(
+        "--n-per-domain",
+        type=int,
+        help="at most this many images per domain in every cell: a smaller, quicker suite, written to "
+        "OUT/SUITE_nN (default: the suite's own)",
+    )
     bn.add_argument("--out", default="results/bench", help="results root; the suite writes to OUT/SUITE")
     bn.add_argument("--jobs", "-j", type=int, default=1, help="parallel workers (pool, or local Ray CPUs)")
     bn.add_argument(
@@ -484,7 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray cluster for --backend ray (None: $RAY_ADDRESS if set, else start a local Ray instance)",
     )
     bn.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N] or mps")
-    bn.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / jobs)")
+    bn.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads per worker (0: auto, half of the physical cores, at least 1, shared "
+        "among the --jobs workers)",
+    )
     bn.add_argument("--cache-dir", help="where generated corruptions are cached")
     bn.add_argument("--checkpoint-every", type=float, default=600.0, help=CHECKPOINT_HELP)
     bn.set_defaults(func=cmd_bench)
@@ -495,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve an adapted model over HTTP (FastAPI + uvicorn). Every POST /predict is one "
         "batch: the model predicts and adapts, one request at a time. Endpoints: POST /predict "
         "(multipart PNG/JPEG files, or a .npy array as application/x-npy), POST /reset, GET /health, "
-        "GET /metrics. No authentication: keep --host on loopback unless a proxy guards it.",
+        "GET /metrics (Prometheus text format), GET /metrics.json. No authentication: keep --host on "
+        "loopback unless a proxy guards it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_served_model(sv)
@@ -503,16 +667,37 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
     sv.add_argument(
         "--state",
-        help="adaptation state file: loaded at start if present (a file that does not fit stops the "
-        "start), saved periodically and at shutdown",
+        help="adaptation state file: loaded at start if present (a damaged file, or one that does not "
+        "fit, stops the start and is left as it is), saved periodically and at shutdown; locked "
+        "(STATE.lock) so that only one server uses it",
     )
     sv.add_argument(
         "--snapshot-interval",
         type=float,
         default=60.0,
-        help="seconds between state snapshots (0: only at shutdown)",
+        help="seconds between state snapshots (0: none periodic; always at shutdown)",
+    )
+    sv.add_argument(
+        "--snapshot-every-batches",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also snapshot after every N adapted batches, before answering (1: an answered batch is "
+        "never lost, even to kill -9; 0: off)",
     )
     sv.add_argument("--max-batch", type=int, default=1024, help="most images accepted in one request")
+    sv.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a request body (then 408 and the connection is closed)",
+    )
+    sv.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=64,
+        help="most POST /predict requests in progress (uploading or queued); more get 503 at once",
+    )
     sv.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N] or mps")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(func=cmd_serve)
@@ -543,9 +728,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_scale_parser(sub)
 
-    rp = sub.add_parser("report", help="re-render tables and plots of a results directory")
-    rp.add_argument("results_dir")
-    rp.add_argument("--no-plots", action="store_true")
+    rp = sub.add_parser(
+        "report",
+        help="re-render tables and plots of a results directory",
+        description="Rewrite summary.md, the tidy CSVs and the plots of a results directory from its "
+        "cells/ (as `run` and `bench` leave it), or summary.md and the per-corruption plot from a "
+        "results.csv alone (e.g. one downloaded from a benchmark).",
+    )
+    rp.add_argument("results_dir", help="a results directory (with cells/ or results.csv)")
+    rp.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
     rp.set_defaults(func=cmd_report)
     return p
 
@@ -554,8 +745,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console(stderr=True)
-    if args.command is None:
-        args = parser.parse_args(["run", *(argv or [])])
+    if args.command is None:  # bare `testtime`: the usage, not a 15,000-image run
+        parser.print_help()
+        print("testtime: error: no command given; start with `testtime run`", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.func(args, console) or 0)
     except TestTimeError as e:

@@ -52,3 +52,21 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return str(device)
+
+
+def auto_threads() -> int:
+    """Torch CPU threads for `--threads 0` (auto): half of torch's default (one per physical core),
+    at least 1; with $OMP_NUM_THREADS set, that.
+
+    The choice depends on the machine only, never on its momentary load, so the same command on
+    the same machine runs with the same threads (error values can differ slightly between thread
+    counts). Half the cores leaves room for the data pipeline and other processes: on this
+    project's 2-core machine one thread was faster than two even when it was nearly idle (a
+    15-batch `testtime run` 14.5 s vs 39.7 s), and on a busy one two threads made `testtime run`
+    25x and `testtime scale solve` 8x slower (README, "Threads").
+    """
+    import os
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    return max(1, torch.get_num_threads() // 2)

@@ -114,7 +114,7 @@ def run_check(cfg: CheckConfig, log=print) -> dict[str, Any]:
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()) + 65)
         wall = time.perf_counter() - t0
-        metrics = httpx.get(f"{srv.url}/metrics", timeout=30).json()
+        metrics = httpx.get(f"{srv.url}/metrics.json", timeout=30).json()
     timed_out = time.monotonic() >= deadline or any(t.is_alive() for t in threads)
 
     sent = {f"req-{i:06d}": i for i in range(cfg.requests)}

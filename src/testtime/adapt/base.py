@@ -17,16 +17,49 @@ from torch import nn
 
 from testtime.adapt.components.compile import compile_forward
 from testtime.adapt.components.guard import CollapseGuard
+from testtime.adapt.components.norm_types import NormSupport, check_norm_support, guard_groupnorm
 from testtime.adapt.config import MethodConfig
 from testtime.errors import DataError, ModelError
+from testtime.precision import effective_precision, resolve_amp
 from testtime.utils import atomic_torch_save
 
 SourceData = tuple[torch.Tensor, torch.Tensor]
 log = logging.getLogger("testtime")
 
 
-def as_source_data(data: Any) -> SourceData | None:
-    """Normalise source samples to (float NCHW in [0, 1], int64 labels); accepts an ImageSet too."""
+# the range that images scaled to [0, 1] stay within (input_range="unit"); see image_range_problem
+UNIT_RANGE: tuple[float, float] = (-0.5, 1.5)
+
+
+def image_range_problem(lo: float, hi: float) -> str | None:
+    """Why finite values spanning [lo, hi] are not images scaled to [0, 1]; None if they may be.
+
+    The accepted range is [-0.5, 1.5], not [0, 1] itself: images in [0, 1] stay within it after
+    resampling overshoot (bicubic / Lanczos resizing) or additive noise, while 0..255 pixel values
+    leave it unless every pixel of the batch is below 1.5 grey levels (a black batch, for which
+    both readings agree), and mean/std-normalised images go below -0.5 (CIFAR or ImageNet
+    statistics map a black pixel to about -2).
+    """
+    if UNIT_RANGE[0] <= lo and hi <= UNIT_RANGE[1]:
+        return None
+    span = f"values in [{lo:.4g}, {hi:.4g}], outside the image range [0, 1] (accepted: [-0.5, 1.5])"
+    if lo >= UNIT_RANGE[0] and hi <= 255 + UNIT_RANGE[1]:
+        why = "this looks like 0..255 pixel values: divide by 255"
+    elif lo < UNIT_RANGE[0] and hi <= 20:
+        why = (
+            "this looks like mean/std-normalised images: pass the images in [0, 1] "
+            "(testtime's models normalise them themselves)"
+        )
+    else:
+        why = "scale the images to [0, 1]"
+    return f"{span}; {why} (if your own model takes such inputs, set the option input_range=any)"
+
+
+def as_source_data(data: Any, input_range: str = "unit") -> SourceData | None:
+    """Normalise source samples to (float NCHW in [0, 1], int64 labels); accepts an ImageSet too.
+
+    With `input_range="unit"` float images outside [-0.5, 1.5] are refused (`image_range_problem`).
+    """
     if data is None:
         return None
     if hasattr(data, "x") and hasattr(data, "y"):  # testtime.data.cifar.ImageSet (uint8 NHWC)
@@ -44,6 +77,11 @@ def as_source_data(data: Any) -> SourceData | None:
         )
     if not bool(torch.isfinite(x).all()):
         raise DataError("source_data images contain NaN or Inf values")
+    if input_range == "unit":
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+        problem = image_range_problem(lo, hi)
+        if problem:
+            raise DataError(f"source_data images have {problem}")
     if bool((y < 0).any()):
         raise DataError("source_data labels must be class indices >= 0")
     return x, y
@@ -79,6 +117,9 @@ class AdaptedModel(nn.Module):
     # the same experiment as continual (identical, up to the random draws a reset replays);
     # `--suite paper` runs such a method once
     keeps_state: ClassVar[bool] = True
+    # what adapts on BatchNorm / GroupNorm / LayerNorm layers, and which kinds the method refuses
+    # (checked when the method is constructed; see components/norm_types.py); None: not stated
+    norm_support: ClassVar[NormSupport | None] = None
 
     def __init__(
         self, model: nn.Module, config: MethodConfig | None = None, source_data: SourceData | None = None
@@ -90,11 +131,13 @@ class AdaptedModel(nn.Module):
         if not isinstance(config, self.Config):
             raise ModelError(f"{self.name} expects a {self.Config.__name__}, got {type(config).__name__}")
         config.validate()
+        check_norm_support(model, self.name, self.norm_support)  # early: before anything is prepared
+        guard_groupnorm(model)
         self.config = config
         self.model = model
         # labelled source (training) samples for methods that use them (CAFA stats, RMT warm-up, ...),
         # kept on the model's device (and moved with this module by `.to()`)
-        self.source_data = as_source_data(source_data)
+        self.source_data = as_source_data(source_data, config.input_range)
         devices = {t.device for t in (*model.parameters(), *model.buffers())} or {torch.device("cpu")}
         device = next(iter(devices)) if len(devices) == 1 else None  # None: a model split over devices
         if self.source_data is not None and device is not None:
@@ -202,26 +245,34 @@ class AdaptedModel(nn.Module):
             raise ModelError(f"{self.name}: cannot load state dict ({' '.join(first)})") from e
 
     def save_state(self, path: str | os.PathLike) -> None:
-        """Write `state_dict()` (the whole adaptation state) to `path` atomically, to resume later."""
-        atomic_torch_save(self.state_dict(), path)
+        """Write `state_dict()` (the whole adaptation state) with its sha256 to `path` atomically.
+
+        The file (see `testtime.adapt.state_file`) holds plain data only and loads with
+        `torch.load(..., weights_only=True)`; `load_state` checks the checksum before using it.
+        """
+        from testtime.adapt.state_file import pack_state
+
+        atomic_torch_save(pack_state(self.state_dict(), self.name), path)
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Resume from a file written by `save_state` (read with `weights_only=True`).
 
-        Raises ModelError when the file is missing, unreadable (truncated, not a torch file, or
-        holding anything but plain data), or holds the state of another method or configuration.
+        Raises ModelError, with the state left as it was, when the file is missing, unreadable
+        (truncated, not a torch file, or holding anything but plain data), fails its checksum
+        (damaged data), holds implausible values (NaN/Inf weights or optimiser moments, counters
+        that are not non-negative integers), or holds the state of another method or configuration.
         """
+        from testtime.adapt.state_file import check_state_values, read_state_file
+
         path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"state file not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise ModelError(
-                f"{path}: cannot read the adaptation state (truncated or not a state file; "
-                f"{type(e).__name__}: {first})"
-            ) from e
+        state = read_state_file(path)
+        nets = {id(n) for n in self.counted_networks()}
+        prefixes = [f"{name}." for name, m in self.named_modules() if name and id(m) in nets]
+        prefixes += [name for name, _ in self.named_parameters()]
+        extra = state.get("_extra_state")
+        saved = extra.get("method") if isinstance(extra, Mapping) else None
+        if saved is None or saved == self.name:  # another method's state: load_state_dict says so
+            check_state_values(state, self.COUNTERS, prefixes, path)
         self.load_state_dict(state)
 
     def _count_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -345,15 +396,20 @@ class AdaptedModel(nn.Module):
                 f"{self.name} needs batches of at least {self.min_batch_size} samples "
                 f"({self.batch_limitation}); got {x.shape[0]}"
             )
-        peak = float(x.detach().abs().amax())  # NaN propagates through amax
-        if not math.isfinite(peak):
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))  # NaN propagates through both
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise DataError(f"{self.name}: batch contains NaN or Inf values")
+        peak = max(-lo, hi)
         if peak > self.MAX_ABS_INPUT:
             # such values overflow float32 batch statistics and would corrupt the adapted state
             raise DataError(
                 f"{self.name}: batch has values up to {peak:.3g}, far outside the image range [0, 1] "
                 f"(limit +-{self.MAX_ABS_INPUT:g})"
             )
+        if self.config.input_range == "unit":  # the common preprocessing mistakes: 0..255, normalised
+            problem = image_range_problem(lo, hi)
+            if problem:
+                raise DataError(f"{self.name}: batch has {problem}")
         if ref is not None and x.dtype != ref.dtype:
             x = x.to(ref.dtype)  # e.g. float64 or float16 images to the model's precision
         return x
@@ -361,7 +417,8 @@ class AdaptedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.check_input(x)
         x = x.contiguous(memory_format=torch.channels_last)
-        amp = self.config.amp == "bf16"
+        # amp=bf16 runs float32 (with a warning, once) where bf16 is slow; see testtime.precision
+        amp = resolve_amp(self.config.amp, x.device, f"{self.name}: amp")
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = self.step(x)
             if self.guard is not None:
@@ -421,4 +478,10 @@ class AdaptedModel(nn.Module):
     def describe(self) -> dict[str, Any]:
         """Method name, config and adapted-parameter count, for results files."""
         n_adapted = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return {"method": self.name, "config": asdict(self.config), "adapted_params": n_adapted}
+        device = next(self.model.parameters(), torch.zeros(())).device
+        return {
+            "method": self.name,
+            "config": asdict(self.config),
+            "adapted_params": n_adapted,
+            "precision": effective_precision(self.config.amp, device),  # fp32 | bf16, as run
+        }

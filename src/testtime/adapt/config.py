@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from testtime.adapt.components.compile import compile_backends
 from testtime.errors import ConfigError
+from testtime.precision import AMP_VALUES
 
 C = TypeVar("C")
 
@@ -29,13 +30,19 @@ class MethodConfig:
     guard_restore: str = "source"  # source | last_good
     guard_snapshot_every: int = 100  # batches between healthy snapshots (last_good)
     guard_reset_every: int = 0  # restore the source every this many batches (RDumb); 0: never
-    # mixed precision of the method's forward and backward passes: off | bf16 (torch.autocast; weights,
-    # statistics and optimiser state stay float32; predictions are returned as float32)
+    # mixed precision of the method's forward and backward passes (torch.autocast to bfloat16; weights,
+    # statistics and optimiser state stay float32; predictions are returned as float32): off (float32);
+    # bf16 where bf16 is fast on the device, else a warning and float32; bf16! bf16 regardless (forced);
+    # auto: bf16 where it is fast, float32 elsewhere, silently (detection: testtime.precision)
     amp: str = "off"
     # torch.compile of the forward of every network the method runs (model, teacher, anchor): off, or
     # a torch.compile backend (inductor; eager / aot_eager to debug); compilation happens on the
     # first batches, so it pays off only on long streams
     compile: str = "off"
+    # the input check: "unit" refuses batches with values outside [-0.5, 1.5] (images must be scaled
+    # to [0, 1]: catches 0..255 pixel values and mean/std-normalised input); "any" accepts any finite
+    # values up to +-1e6, for a model of your own that takes other inputs (e.g. standardised images)
+    input_range: str = "unit"
 
     def validate(self) -> None:
         """Raise ConfigError on an invalid value; subclasses extend `checks()`."""
@@ -53,7 +60,8 @@ class MethodConfig:
             ("guard_restore", self.guard_restore in ("source", "last_good"), "must be source or last_good"),
             ("guard_snapshot_every", self.guard_snapshot_every >= 1, "must be >= 1"),
             ("guard_reset_every", self.guard_reset_every >= 0, "must be >= 0 (0: never)"),
-            ("amp", self.amp in ("off", "bf16"), "must be off or bf16"),
+            ("amp", self.amp in AMP_VALUES, "must be off, bf16, bf16! (forced) or auto"),
+            ("input_range", self.input_range in ("unit", "any"), "must be unit (images in [0, 1]) or any"),
             (
                 "compile",
                 self.compile == "off" or self.compile in compile_backends(),

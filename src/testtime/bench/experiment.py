@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from testtime.bench.runner import (
 )
 from testtime.data.cifar import (
     ImageSet,
+    embedded_fallback_notice,
     find_cifar10,
     find_cifar100,
     load_cifar10,
@@ -60,7 +62,15 @@ from testtime.data.streams import (
 )
 from testtime.device import describe_device, select_device
 from testtime.errors import ConfigError, DataError
-from testtime.models.zoo import DEFAULT_MODEL, is_known_model, known_models_hint, load_model, model_info
+from testtime.models.zoo import (
+    DEFAULT_MODEL,
+    SHIPPED,
+    is_known_model,
+    known_models_hint,
+    load_model,
+    model_info,
+)
+from testtime.precision import precision_record
 from testtime.utils import atomic_write_json, env_info, seed_everything
 
 DATASETS = {
@@ -213,6 +223,8 @@ def validate_cell(cell: Cell) -> None:
         raise ConfigError(
             f"--corrupted (.npy files) applies to cifar10 and cifar100, not {cell.dataset}{hint}"
         )
+    if cell.model_path is not None and not Path(cell.model_path).is_file():
+        raise ConfigError(f"weights file not found: {cell.model_path} (--model-path)")
     name = cell.model or DEFAULT_MODELS.get(cell.dataset, DEFAULT_MODEL)
     if cell.model_path is None and not is_known_model(name):
         raise ConfigError(f"unknown model {name!r}; {known_models_hint()}")
@@ -231,6 +243,12 @@ resolve_device = select_device  # the one device helper (testtime.device), under
 # ----------------------------------------------------------------------------- data & models (cached)
 _DATA: dict[tuple[Any, ...], tuple[DomainData, ImageSet | None]] = {}
 _MODELS: dict[tuple[Any, ...], torch.nn.Module] = {}
+
+
+def data_fallback_notice(cells: list[Cell]) -> str | None:
+    """The warning for `--data auto` without the full CIFAR-10 (the run uses the shipped subset), or None."""
+    auto = any(c.dataset == "cifar10" and c.data == "auto" and not c.cifar10c for c in cells)
+    return embedded_fallback_notice() if auto and find_cifar10() is None else None
 
 
 def load_clean(data: str) -> ImageSet:
@@ -411,6 +429,7 @@ def execute_cell(
     res.extra["data"] = prep.stream.data.describe()
     res.extra["device"] = describe_device(select_device(opts.device))
     res.extra["torch"] = torch.__version__
+    res.extra["precision"] = prep.adapted.describe()["precision"]  # fp32 | bf16, as run
     return cell_payload(cell, res, prep.adapted.describe())
 
 
@@ -419,7 +438,7 @@ def progress_bar(console: Console, label: str) -> Progress:
         TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("err {task.fields[err]:5.1f}%"),
+        TextColumn("err: batch {task.fields[err]:4.1f}% mean {task.fields[mean]:4.1f}%"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
@@ -438,11 +457,19 @@ def run_cells_sequential(cells: list[Cell], opts: ExecOptions, out_dir: Path, co
     for cell in cells:
         label = f"[bold]{cell.method}[/] {cell.dataset}/{cell.scenario} seed {cell.seed}"
         with progress_bar(console, label) as progress:
-            task = progress.add_task("run", total=None, err=float("nan"))
+            task = progress.add_task("run", total=None, err=float("nan"), mean=float("nan"))
+            errors: list[float] = []  # per batch; "mean" is their mean (batches are equal but the last)
+
+            def on_batch(_b: int, e: float, t=task, errors=errors) -> None:
+                if not math.isnan(e):
+                    errors.append(e)
+                mean = sum(errors) / len(errors) if errors else float("nan")
+                progress.update(t, advance=1, err=e, mean=mean)
+
             payload = execute_cell(
                 cell,
                 opts,
-                on_batch=lambda _b, e, t=task: progress.update(t, advance=1, err=e),
+                on_batch=on_batch,
                 log=console.log,
                 on_start=lambda n, t=task: progress.update(t, total=n),
             )
@@ -482,7 +509,17 @@ def run_experiment(cfg: RunConfig, console: Console | None = None) -> Path:
     for c in cells:
         validate_cell(c)
     device = select_device(cfg.exec.device)  # fail before any data is generated
+    fallback = data_fallback_notice(cells)
+    if fallback:
+        console.print(f"warning: {fallback}", style="bold yellow", markup=False, highlight=False)
+    for c in {(c.model, c.model_path, c.arch): c for c in cells}.values():
+        # a mismatched local weights file fails here, before any data; a model still to be
+        # downloaded loads later, after the (cheap) data checks
+        if c.model_path is not None or (c.model or DEFAULT_MODELS.get(c.dataset, DEFAULT_MODEL)) in SHIPPED:
+            source_model(c, device)
     data = domain_data(cells[0], cfg.exec.cache_dir, console.log)
+    for c in cells:  # corruption names and scenario options (e.g. --delta) fail here, before corrupting
+        build_cell_stream(c, cfg.exec, console.log)
     identity = {
         k: v
         for k, v in dataclasses.asdict(cfg).items()
@@ -499,16 +536,40 @@ def run_experiment(cfg: RunConfig, console: Console | None = None) -> Path:
         "model": cfg.model_path or cfg.model or DEFAULT_MODELS[cfg.dataset],
         "seeds": cfg.seeds,
         "methods": expand_methods(cfg.methods),
+        # is bf16 fast on this device (what amp=bf16 / amp=auto do here; testtime.precision)
+        "precision": precision_record(device),
     }
+    if fallback:
+        meta["data_fallback"] = fallback
+    new = not out_dir.exists()
     done = prepare_out_dir(out_dir, identity, meta)
     if cfg.exec.device != str(device):
         console.log(f"device: {device} (--device {cfg.exec.device})")
     todo = [c for c in cells if c.cell_id not in done]
     if len(todo) < len(cells):
         console.log(f"resuming {out_dir}: {len(cells) - len(todo)} of {len(cells)} runs already done")
-    run_cells_sequential(todo, with_checkpoints(cfg.exec, out_dir), out_dir, console)
+    try:
+        run_cells_sequential(todo, with_checkpoints(cfg.exec, out_dir), out_dir, console)
+    except BaseException:
+        if new:
+            discard_if_empty(out_dir)
+        raise
     render(out_dir, plots=True)
     return out_dir
+
+
+def discard_if_empty(out_dir: Path) -> bool:
+    """Remove a results directory that holds nothing but its config.json (a run that failed or was
+    interrupted before its first result or progress snapshot), so no empty run is left behind."""
+    out_dir = Path(out_dir)
+    kept = [p for p in out_dir.rglob("*") if p.is_file() and p != out_dir / "config.json"]
+    if kept:
+        return False
+    (out_dir / "config.json").unlink(missing_ok=True)
+    for d in sorted((p for p in out_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        d.rmdir()
+    out_dir.rmdir()
+    return True
 
 
 def print_error_table(out_dir: Path, console: Console) -> None:
@@ -530,7 +591,7 @@ def _print_metric_table(rows: list[dict[str, Any]], out_dir: Path, console: Cons
         for r in sub:
             vals.setdefault((r["method"], r["corruption"]), []).append(float(r["value"]))
         kind = "error %" if sub[0]["metric"] == "error" else "error % per round"
-        t = Table(title=f"{kind} — {group[0]} {group[1]} ({out_dir})")
+        t = Table(title=f"{kind} — {group[0]} {group[1]}")  # the path is printed after, unbroken
         t.add_column("domain")
         for m in methods:
             t.add_column(m, justify="right")

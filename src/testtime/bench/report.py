@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from testtime.errors import DataError
+from testtime.precision import precision_label
 from testtime.utils import atomic_write_text
 
 TIDY_COLUMNS = (
@@ -58,11 +59,48 @@ def load_rows(out_dir: Path) -> list[dict[str, Any]]:
     if not csv_path.exists():
         raise DataError(f"{out_dir}: neither cells/ nor results.csv found")
     with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["value"] = float(r["value"])
-        r["severity"], r["seed"], r["batch_size"] = int(r["severity"]), int(r["seed"]), int(r["batch_size"])
+        reader = csv.DictReader(f)
+        missing = [c for c in TIDY_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(
+                f"{csv_path}: not a testtime results CSV (missing column(s) {', '.join(missing)})"
+            )
+        rows = list(reader)
+    try:
+        for r in rows:
+            r["value"] = float(r["value"])
+            r["severity"], r["seed"], r["batch_size"] = (
+                int(r["severity"]),
+                int(r["seed"]),
+                int(r["batch_size"]),
+            )
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{csv_path}: malformed row {r} ({e})") from e
     return rows
+
+
+def cells_from_rows(rows: list[dict[str, Any]], trace_path: Path | None = None) -> list[dict[str, Any]]:
+    """Cell-like records (as in cells/) rebuilt from tidy rows, for reports from a results.csv alone;
+    with `trace_path` (a trace.csv), each gets its per-batch errors where the CSV identifies it."""
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        key = (r.get("dataset", ""), r["method"], r["scenario"], r["seed"], r["batch_size"])
+        if key not in groups:
+            cell = dict(zip(("dataset", "method", "scenario", "seed", "batch_size"), key, strict=True))
+            groups[key] = {"cell": {**cell, "severity": r["severity"]}, "rows": [], "trace": [], "extra": {}}
+        groups[key]["rows"].append(r)
+        if r["corruption"] == "mean":
+            groups[key]["cell"]["severity"] = r["severity"]
+    if trace_path is not None and trace_path.is_file():
+        by_run: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+        for k, c in groups.items():
+            by_run[(k[1], k[2], k[3])].append(c)
+        with open(trace_path, newline="") as f:
+            for t in csv.DictReader(f):
+                match = by_run.get((t.get("method", ""), t.get("scenario", ""), int(t.get("seed") or 0)), [])
+                if len(match) == 1:  # trace.csv has no dataset/batch column: only unambiguous runs
+                    match[0]["trace"].append({"domain": t["domain"], "error": float(t["error"])})
+    return list(groups.values())
 
 
 def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
@@ -169,7 +207,7 @@ SPEED_METRICS = (
     "n_images", "images_per_s", "x_inference", "forward_per_image", "min_forward_per_image",
     "backward_per_image", "min_backward_per_image", "adapted_params", "state_bytes", "optimizer_bytes",
     "guard_bytes", "snapshot_bytes", "peak_cuda_mb", "inference_images_per_s", "setup_seconds",
-    "loadavg_1m", "torch_threads", "compile_warmup_seconds",
+    "loadavg_1m", "torch_threads", "compile_warmup_seconds", "bf16", "amp_requested",
 )  # fmt: skip
 
 
@@ -190,14 +228,15 @@ def speed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def speed_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown: the speed suite's cost per method, passes measured / declared minimum, and notes."""
+def speed_table(rows: list[dict[str, Any]], precision: dict[str, Any] | None = None) -> list[str]:
+    """Markdown: the speed suite's cost per method, passes measured / declared minimum, and notes;
+    `precision`: the run's bf16 detection (testtime.precision.precision_record), stated below."""
     summary = speed_summary(rows)
     if not summary:
         return []
     cuda = any("peak_cuda_mb" in s for s in summary)
     compiled = any("compile_warmup_seconds" in s for s in summary)
-    head = ["method", "images", "batch", "img/s", "x inference", "fwd/img (min)", "bwd/img (min)",
+    head = ["method", "images", "batch", "img/s", "x inference", "precision", "fwd/img (min)", "bwd/img (min)",
             "adapted params", "state MB", "guard MB", *(["peak CUDA MB"] if cuda else []),
             *(["compile pass s"] if compiled else []), "error %"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -213,6 +252,7 @@ def speed_table(rows: list[dict[str, Any]]) -> list[str]:
             get(s, "batch_size", 0),
             get(s, "images_per_s", 0),
             f"{get(s, 'x_inference', 2)}x",
+            precision_label(s.get("bf16"), s.get("amp_requested")),
             f"{get(s, 'forward_per_image', 2)} ({get(s, 'min_forward_per_image', 2)})",
             f"{get(s, 'backward_per_image', 2)} ({get(s, 'min_backward_per_image', 2)})",
             f"{s.get('adapted_params', 0):,.0f}",
@@ -230,6 +270,10 @@ def speed_table(rows: list[dict[str, Any]]) -> list[str]:
         "- x inference: the method's wall time over that of plain inference (`eval()`, inference mode) "
         "of the same model on the same batches, timed right before and right after it (mean); robust to "
         "machine load.",
+        "- precision: what the method's passes ran in (fp32, or bf16 autocast), with the `amp` setting "
+        "when it is not plainly that: auto, forced (`bf16!`), or `bf16` asked where bf16 is slow (float32 "
+        "ran instead)."
+        + (f" This machine: {precision['summary']}." if precision and precision.get("summary") else ""),
         "- fwd/img, bwd/img: image passes per test image, measured (minimum the algorithm needs).",
         "- state MB: tensors the method keeps besides the adapted model's weights (teachers, anchors, "
         "memories, statistics) plus optimiser state; guard MB: the collapse guard's source copy; "
@@ -266,19 +310,36 @@ def device_lines(cells: list[dict[str, Any]]) -> list[str]:
 
 def render(out_dir: str | Path, plots: bool = True) -> Path:
     """(Re)write results.csv, trace.csv and summary.md (and plots when matplotlib is present)."""
+    return render_files(out_dir, plots)[0]
+
+
+def render_files(out_dir: str | Path, plots: bool = True) -> list[Path]:
+    """`render`, returning every file written (summary.md first).
+
+    From cells/ (what `run` and `bench` write): results.csv, trace.csv, summary.md and the plots.
+    From a results.csv alone (no cells/): summary.md and the plots the tidy rows allow (the error
+    per corruption; the error over the stream too when a trace.csv is there); the CSV is not rewritten.
+    """
     out_dir = Path(out_dir)
-    cells = load_cells(out_dir)
-    rows = [r for c in cells for r in c["rows"]]
-    atomic_write_text(out_dir / "results.csv", _csv(rows, TIDY_COLUMNS))
-    trace_rows = [
-        {"method": c["cell"]["method"], "scenario": c["cell"]["scenario"], "seed": c["cell"]["seed"], **t}
-        for c in cells
-        for t in c["trace"]
-    ]
-    atomic_write_text(
-        out_dir / "trace.csv",
-        _csv(trace_rows, ("method", "scenario", "seed", "batch", "domain", "n", "error")),
-    )
+    from_csv = not (out_dir / "cells").is_dir() and (out_dir / "results.csv").is_file()
+    written: list[Path] = []
+    if from_csv:
+        rows = load_rows(out_dir)
+        cells = cells_from_rows(rows, out_dir / "trace.csv")
+    else:
+        cells = load_cells(out_dir)
+        rows = [r for c in cells for r in c["rows"]]
+        atomic_write_text(out_dir / "results.csv", _csv(rows, TIDY_COLUMNS))
+        trace_rows = [
+            {"method": c["cell"]["method"], "scenario": c["cell"]["scenario"], "seed": c["cell"]["seed"], **t}
+            for c in cells
+            for t in c["trace"]
+        ]
+        atomic_write_text(
+            out_dir / "trace.csv",
+            _csv(trace_rows, ("method", "scenario", "seed", "batch", "domain", "n", "error")),
+        )
+        written += [out_dir / "results.csv", out_dir / "trace.csv"]
     config = {}
     if (out_dir / "config.json").exists():
         config = json.loads((out_dir / "config.json").read_text())
@@ -293,6 +354,8 @@ def render(out_dir: str | Path, plots: bool = True) -> Path:
             *device_lines(cells),
             "",
         ]
+    if from_csv:
+        lines += ["(rendered from results.csv alone: no per-cell files, so no reliability diagram)", ""]
     lines += [
         "## Error (%) per corruption",
         "",
@@ -302,7 +365,7 @@ def render(out_dir: str | Path, plots: bool = True) -> Path:
         *summary_table(rows),
         "",
     ]
-    speed = speed_table(rows)
+    speed = speed_table(rows, config.get("precision"))
     if speed:
         lines += ["## Speed", "", *speed, ""]
     if any(r["metric"] == "round_error" for r in rows):
@@ -313,7 +376,8 @@ def render(out_dir: str | Path, plots: bool = True) -> Path:
 
             for p in make_plots(out_dir, cells):
                 lines.append(f"![{p.stem}]({p.name})")
+                written.append(p)
         except ImportError:
             lines.append("(plots skipped: matplotlib is not installed)")
     atomic_write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
-    return out_dir / "summary.md"
+    return [out_dir / "summary.md", *written]

@@ -37,7 +37,9 @@ from testtime.bench.experiment import ExecOptions, PreparedCell, prepare_cell
 from testtime.bench.report import load_rows, speed_summary, speed_table
 from testtime.bench.runner import Cell, cell_payload, run_stream, write_payload
 from testtime.data.streams import Stream
+from testtime.device import select_device
 from testtime.errors import ConfigError
+from testtime.precision import AMP_CODES, effective_precision, precision_label, precision_record
 from testtime.utils import atomic_write_json
 
 CORRUPTIONS = ("gaussian_noise", "motion_blur", "jpeg_compression")  # a noise, a blur, a digital shift
@@ -206,6 +208,9 @@ def measure(cell: Cell, prep: PreparedCell) -> dict[str, Any]:
         "loadavg_15m": load[2],
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        # precision: the amp setting (AMP_CODES) and whether bf16 autocast actually ran (1) or fp32 (0)
+        "amp_requested": AMP_CODES[adapted.config.amp],
+        "bf16": 1.0 if effective_precision(adapted.config.amp, device) == "bf16" else 0.0,
     }
     if minimal is not None:
         speed.update(
@@ -217,6 +222,7 @@ def measure(cell: Cell, prep: PreparedCell) -> dict[str, Any]:
         )
     res.extra.update(speed)
     res.extra["data"] = prep.stream.data.describe()
+    res.extra["precision"] = effective_precision(adapted.config.amp, device)
     return cell_payload(cell, res, adapted.describe())
 
 
@@ -261,7 +267,8 @@ def run_speed(cells: list[Cell], opts: ExecOptions, out_dir: Path, console: Cons
         console.log(
             f"[{i}/{len(cells)}] {cell.method}: {c['images_per_s']:.0f} img/s, {c['x_inference']:.2f}x inference, "
             f"fwd {c['forward_per_image']:.2f}/{c.get('min_forward_per_image', float('nan')):.2f}, "
-            f"bwd {c['backward_per_image']:.2f}/{c.get('min_backward_per_image', float('nan')):.2f} per image"
+            f"bwd {c['backward_per_image']:.2f}/{c.get('min_backward_per_image', float('nan')):.2f} per image, "
+            f"{precision_label(c.get('bf16'), c.get('amp_requested'))}"
         )
         del prep, payload
         gc.collect()
@@ -271,9 +278,12 @@ def run_speed(cells: list[Cell], opts: ExecOptions, out_dir: Path, console: Cons
     if not (out_dir / "cells").is_dir():
         raise ConfigError(f"no method could be measured: {'; '.join(skipped.values())}")
     rows = load_rows(out_dir)
-    table = speed_table(rows)
+    device = select_device(opts.device)
+    precision = precision_record(device)
+    table = speed_table(rows, precision)
     summary = {
         "stream": stream_description(),
+        "precision": precision,  # is bf16 fast here, how that was decided, the measured factor
         "slices": {m: {"per_corruption": n, "batch_size": bs} for m, (n, bs) in SLICES.items()},
         "wall_seconds": wall,
         "loadavg_start": list(load_start),
@@ -295,4 +305,5 @@ def run_speed(cells: list[Cell], opts: ExecOptions, out_dir: Path, console: Cons
         f"{load_start[0]:.2f} at the start, {summary['loadavg_end'][0]:.2f} at the end; "
         f"{summary['torch_threads']} torch thread(s); {stream_description()}"
     )
+    console.log(f"speed: precision: {precision['summary']}")
     return summary

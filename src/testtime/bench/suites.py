@@ -17,6 +17,7 @@ from rich.console import Console
 from testtime.adapt.registry import get_method, list_methods
 from testtime.bench.experiment import (
     ExecOptions,
+    data_fallback_notice,
     execute_cell,
     prepare_out_dir,
     run_cells_sequential,
@@ -28,6 +29,7 @@ from testtime.bench.runner import Cell, write_payload
 from testtime.bench.speed import run_speed, speed_cells, stream_description
 from testtime.device import select_device
 from testtime.errors import ConfigError
+from testtime.precision import precision_record
 
 
 @dataclass
@@ -37,6 +39,7 @@ class SuiteArgs:
     seeds: list[int] = field(default_factory=lambda: [0])
     data: str = "auto"
     methods: list[str] | None = None  # restrict to these methods
+    n_per_domain: int | None = None  # at most this many images per domain: a smaller, quicker suite
 
 
 @dataclass(frozen=True)
@@ -141,8 +144,15 @@ def _speed_with(override: dict[str, str]) -> Callable[[SuiteArgs], list[Cell]]:
 SPEED_VARIANTS = {
     "speed_bf16": (
         {"amp": "bf16"},
-        "The speed suite with every method's passes under bfloat16 autocast (`amp=bf16`); compare with "
+        "The speed suite with `amp=bf16`: every method's passes under bfloat16 autocast where bf16 is "
+        "fast on this machine; where it is slow (no AVX512-BF16/AMX), a warning and float32 (set "
+        "TESTTIME_BF16=fast to time bf16 anyway); the precision column says which ran. Compare with "
         "`speed` on the same machine.",
+    ),
+    "speed_auto": (
+        {"amp": "auto"},
+        "The speed suite with `amp=auto`: bfloat16 autocast where bf16 is fast on this machine, float32 "
+        "elsewhere (the precision column says which ran); compare with `speed` on the same machine.",
     ),
     "speed_compile": (
         {"compile": "inductor"},
@@ -231,7 +241,14 @@ def run_suite(
     if not cells:
         raise ConfigError(f"suite {suite_name!r} has no cells for the chosen methods")
     out_dir = Path(out) / suite_name
-    identity = {"suite": suite_name, "data": args.data}
+    identity: dict[str, Any] = {"suite": suite_name, "data": args.data}
+    if args.n_per_domain is not None:  # a shrunk suite: its own folder, never mixed with the full one
+        if args.n_per_domain < 1:
+            raise ConfigError(f"--n-per-domain must be >= 1, got {args.n_per_domain}")
+        n = args.n_per_domain
+        cells = [dataclasses.replace(c, n_per_domain=min(c.n_per_domain or n, n)) for c in cells]
+        out_dir = Path(out) / f"{suite_name}_n{n}"
+        identity["n_per_domain"] = n
     methods = list(dict.fromkeys(c.method for c in cells))
     meta = {
         "suite": suite_name,
@@ -245,6 +262,9 @@ def run_suite(
         # how the cells ran (env's torch_threads is this parent process's, not the workers')
         "execution": {"backend": backend, "jobs": jobs, "threads_per_worker": opts.threads or "cores / jobs"},
     }
+    # is bf16 fast on this machine (what amp=bf16 / amp=auto do here; testtime.precision); with Ray,
+    # each cell records the precision it ran in
+    meta["precision"] = precision_record(select_device(opts.device))
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if backend == "ray":
@@ -254,6 +274,10 @@ def run_suite(
                 "run it with --backend local"
             )
         import_ray()  # a clear error before anything is written
+    fallback = data_fallback_notice(cells)
+    if fallback:
+        console.print(f"warning: {fallback}", style="bold yellow", markup=False, highlight=False)
+        meta["data_fallback"] = fallback
     done = prepare_out_dir(out_dir, identity, meta)
     t0 = time.time()
     if suite.runner is not None:

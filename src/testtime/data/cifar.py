@@ -140,8 +140,8 @@ def load_cifar10(split: str = "test", path: str | os.PathLike | None = None) -> 
     p = find_cifar10(path)
     if p is None:
         raise DataError(
-            "full CIFAR-10 not found; pass --data PATH, set $TESTTIME_DATA, "
-            "or call testtime.data.download_cifar10()"
+            "full CIFAR-10 not found; pass --data PATH, set $TESTTIME_DATA, or download it with "
+            "testtime.data.cifar.download_cifar10() (into ~/.cache/testtime/data, which is searched)"
         )
     return _load_npz(p, split) if p.is_file() else _load_pickle_dir(p, split)
 
@@ -152,6 +152,15 @@ def load_embedded_cifar10() -> ImageSet:
     with resources.as_file(ref) as p:
         s = _load_npz(Path(p), "test")
     return ImageSet(s.x, s.y, f"embedded:{EMBEDDED_NAME}")
+
+
+def embedded_fallback_notice() -> str:
+    """What `--data auto` says when it falls back to the shipped subset (terminal and config.json)."""
+    return (
+        "--data auto: the full CIFAR-10 was not found ($TESTTIME_DATA, shared/data, "
+        "~/.cache/testtime/data); using the 2,000 CIFAR-10 test images shipped in the package instead, "
+        "so the results are on that subset, not the 10,000-image test set"
+    )
 
 
 def load_cifar10_test(path: str | os.PathLike | None = None, embedded: bool | None = None) -> ImageSet:

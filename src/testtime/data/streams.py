@@ -57,6 +57,10 @@ class DomainData:
         """Names of the shifts this source provides (the CIFAR-10-C corruptions by default)."""
         return CIFAR10C_CORRUPTIONS
 
+    def extra_domain_names(self) -> tuple[str, ...]:
+        """Further shifts selectable by name but never in a default stream (validation corruptions)."""
+        return ()
+
 
 class NaturalShift(DomainData):
     """A real (not synthetic) target domain, e.g. USPS digits for an MNIST-trained model."""
@@ -98,17 +102,24 @@ class CorruptedDataset(DomainData):
         self._memo: dict[Domain, np.ndarray] = {}
 
     def get(self, domain: Domain) -> tuple[np.ndarray, np.ndarray]:
-        from testtime.data.corruptions import CORRUPTIONS, corrupt_cached
+        from testtime.data.corruptions import ALL_CORRUPTIONS, corrupt_cached
 
         if domain.corruption == "clean":
             return self.clean.x, self.clean.y
-        if domain.corruption not in CORRUPTIONS:
-            raise ConfigError(f"unknown corruption {domain.corruption!r}; known: {', '.join(CORRUPTIONS)}")
+        if domain.corruption not in ALL_CORRUPTIONS:
+            raise ConfigError(
+                f"unknown corruption {domain.corruption!r}; known: {', '.join(ALL_CORRUPTIONS)}"
+            )
         if domain not in self._memo:
-            if self.progress:
-                self.progress(f"corrupting {len(self.clean)} images: {domain}")
+            progress = self.progress
+            note = (lambda: progress(f"corrupting {len(self.clean)} images: {domain}")) if progress else None
             self._memo[domain] = corrupt_cached(
-                self.clean.x, domain.corruption, domain.severity, seed=self.seed, cache_dir=self.cache_dir
+                self.clean.x,
+                domain.corruption,
+                domain.severity,
+                seed=self.seed,
+                cache_dir=self.cache_dir,
+                on_generate=note,
             )
         return self._memo[domain], self.clean.y
 
@@ -117,6 +128,11 @@ class CorruptedDataset(DomainData):
 
     def num_samples(self) -> int:
         return len(self.clean)
+
+    def extra_domain_names(self) -> tuple[str, ...]:
+        from testtime.data.corruptions import VALIDATION_CORRUPTIONS
+
+        return VALIDATION_CORRUPTIONS
 
 
 class Cifar10CFiles(DomainData):
@@ -181,11 +197,11 @@ class OpenSetData(DomainData):
 
     def get(self, domain: Domain) -> tuple[np.ndarray, np.ndarray]:
         if domain not in self._memo:
-            from testtime.data.corruptions import CORRUPTIONS, corrupt_cached
+            from testtime.data.corruptions import ALL_CORRUPTIONS, corrupt_cached
 
             x, y = self.base.get(domain)
             u = self.unknown
-            if domain.corruption in CORRUPTIONS:
+            if domain.corruption in ALL_CORRUPTIONS:
                 u = corrupt_cached(
                     u, domain.corruption, domain.severity, seed=self.seed + 1, cache_dir=self.cache_dir
                 )
@@ -202,6 +218,9 @@ class OpenSetData(DomainData):
 
     def domain_names(self) -> tuple[str, ...]:
         return self.base.domain_names()
+
+    def extra_domain_names(self) -> tuple[str, ...]:
+        return self.base.extra_domain_names()
 
 
 def unknown_images(kind: str, n: int, seed: int = 0) -> np.ndarray:
@@ -342,11 +361,10 @@ def build_stream(name: str, spec: StreamSpec) -> Stream:
         raise ConfigError(f"batch size must be an integer >= 1, got {spec.batch_size}")
     if not spec.corruptions:
         raise ConfigError("no corruptions selected")
-    unknown = [c for c in spec.corruptions if c not in spec.data.domain_names()]
+    known = (*spec.data.domain_names(), *spec.data.extra_domain_names())
+    unknown = [c for c in spec.corruptions if c not in known]
     if unknown:
-        raise ConfigError(
-            f"unknown corruption(s) {', '.join(unknown)}; known: {', '.join(spec.data.domain_names())}"
-        )
+        raise ConfigError(f"unknown corruption(s) {', '.join(unknown)}; known: {', '.join(known)}")
     check_scenario_options(name, spec.options)
     if spec.n_per_domain is not None and not 1 <= spec.n_per_domain <= spec.n_samples:
         raise ConfigError(f"n_per_domain must be in 1..{spec.n_samples}, got {spec.n_per_domain}")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from testtime.precision import bf16_support, precision_record, resolve_amp
 from testtime.utils import atomic_torch_save, env_info, seed_everything
 
 
@@ -28,7 +29,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = 2
     seed: int = 0
-    bf16: bool = True  # autocast matmuls/convs to bfloat16 on CPUs that support it
+    # autocast matmuls/convs to bfloat16 where bf16 is fast on this CPU (AVX512-BF16/AMX and the
+    # micro-benchmark of testtime.precision agreeing; about 2x faster there), float32 elsewhere (bf16
+    # is ~10x slower on an AVX2-only CPU); False: float32 always
+    bf16: bool = True
     threads: int = 0  # 0: leave torch's default
     eval_every: int = 5
     flip: bool = True  # horizontal flips (off for digits)
@@ -107,12 +111,23 @@ def train_source(
     start_epoch, log = 0, []
     ckpt = out_dir / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start_epoch, log = int(state["epoch"]), json.loads(state["log"])
-        print(f"resumed from {ckpt} at epoch {start_epoch}", flush=True)
+        try:
+            state = torch.load(ckpt, weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            start_epoch, log = int(state["epoch"]), json.loads(state["log"])
+        except Exception as e:  # unreadable, or another architecture's checkpoint
+            from testtime.errors import ConfigError
+
+            raise ConfigError(
+                f"{ckpt}: cannot resume from this checkpoint ({type(e).__name__}; e.g. another --arch); "
+                "choose another --out, or delete it to start over"
+            ) from e
+        print(f"resumed from {ckpt} at epoch {start_epoch} of {cfg.epochs}", flush=True)
+    use_bf16 = resolve_amp("auto" if cfg.bf16 else "off", "cpu")
+    if cfg.bf16 and progress:
+        print(f"precision: {'bf16' if use_bf16 else 'float32'} ({bf16_support('cpu').summary()})", flush=True)
     xtr = torch.from_numpy(train[0])
     ytr = torch.from_numpy(train[1].astype(np.int64))
     n = len(ytr)
@@ -130,7 +145,7 @@ def train_source(
             yb = ytr[idx]
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, epoch * spe + i, spe)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
@@ -161,6 +176,12 @@ def train_source(
         )
     final = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_torch_save(final, out_dir / f"{cfg.arch}.pt")
-    meta = {"config": asdict(cfg), "log": log, "env": env_info()}
+    meta = {
+        "config": asdict(cfg),
+        "precision": "bf16" if use_bf16 else "fp32",
+        "bf16_detection": precision_record("cpu") if cfg.bf16 else None,
+        "log": log,
+        "env": env_info(),
+    }
     (out_dir / "train_log.json").write_text(json.dumps(meta, indent=2))
     return model

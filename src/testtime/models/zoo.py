@@ -21,11 +21,16 @@ from testtime.models.imagenet import EXAMPLES as IMAGENET_EXAMPLES
 from testtime.models.imagenet import is_imagenet_name, load_imagenet_model, model_cache_dir
 from testtime.models.resnet import CifarResNet
 from testtime.models.robustbench import AUGMIX_NORM, CifarResNeXt, WideResNet
+from testtime.models.vit import ViT
 from testtime.utils import sha256_file
 
 ARCHS: dict[str, Callable[[], nn.Module]] = {
     "resnet20": lambda: CifarResNet(depth=20),
     "resnet26": lambda: CifarResNet(depth=26),
+    # GroupNorm with 8 groups: the reference benchmark's GN ResNet-26 (mariodoebler/test-time-adaptation)
+    "resnet26_gn": lambda: CifarResNet(depth=26, norm="gn", groups=8),
+    # LayerNorm ViT, patch 4 on 32x32: 6 pre-norm blocks of width 192 (3 heads, MLP 384), mean pooling
+    "vit_tiny_p4": lambda: ViT(patch_size=4, dim=192, depth=6, heads=3, mlp_ratio=2.0),
     "digitnet": DigitNet,
 }
 

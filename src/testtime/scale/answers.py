@@ -6,31 +6,54 @@ import re
 from fractions import Fraction
 
 _NUM = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
-_PATTERNS = [
+_OP = r"\s*(?:[-+*/x×÷^]|\\times|\\cdot|\\div)\s*"
+# "=" (not part of "==", "<=", ">=", "!="), or the words "equals" / "is equal to"
+_EQ = r"(?:(?<![<>!=])=(?!=)|\bequals\b|\bis\s+equal\s+to\b)"
+# 1. an explicitly stated final answer (the last one wins); an answer written as an equation
+#    ("the answer is 17 + 25 = 42") gives its result
+_STATED = [
     re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}"),
     re.compile(r"####\s*(" + _NUM + ")"),
-    re.compile(r"(?:final answer|answer)\s*(?:is|:|=)?\s*:?\s*\$?\s*(" + _NUM + ")", re.IGNORECASE),
+    re.compile(
+        r"(?:final answer|answer)\s*(?:is|:|=)?\s*:?\s*\$?\s*"
+        r"(?:\(?" + _NUM + r"(?:" + _OP + r"\(?" + _NUM + r"\)?)+\)?\s*" + _EQ + r"\s*\$?\s*)?(" + _NUM + ")",
+        re.IGNORECASE,
+    ),
 ]
+# 2. the result of the last equation: the number right of the last "=" (or "equals")
+_EQUATION_RESULT = re.compile(_EQ + r"\s*\$?\s*(" + _NUM + ")", re.IGNORECASE)
+# 3. the last number
 _LAST_NUM = re.compile(_NUM)
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer stated in a solution: \\boxed{...}, '#### x', 'answer: x', else the last number."""
+    """The final answer of a solution text, by the first rule that finds one (normalised):
+
+    1. an explicitly stated answer, the last one in the text: ``\\boxed{x}``, ``#### x``,
+       ``Answer: x``, ``the answer is x``, ``final answer: x`` (an answer written as an equation,
+       ``the answer is 17 + 25 = 42``, gives its result, 42);
+    2. else the result of the last equation: the number right of the last ``=`` (or ``equals``),
+       so ``17 + 25 = 32 ... it is indeed 17 + 25.`` gives 32, what the solution computed, not 25;
+    3. else the last number in the text; None when there is none.
+    """
     if not text:
         return None
-    for pat in _PATTERNS:
+    for pat in _STATED:
         found = pat.findall(text)
         if found:
             return normalise(found[-1])
-    nums = _LAST_NUM.findall(text)
-    return normalise(nums[-1]) if nums else None
+    for pat in (_EQUATION_RESULT, _LAST_NUM):
+        found = pat.findall(text)
+        if found:
+            return normalise(found[-1])
+    return None
 
 
 def normalise(ans: str) -> str:
-    """Canonical text of an answer: trimmed, no thousands separators, no trailing '.', '$' or '%'."""
+    """Canonical text of an answer: trimmed, no thousands separators, no trailing '.', ',', '$' or '%'."""
     a = ans.strip()
     for _ in range(2):
-        a = a.strip().strip("$").rstrip(".").strip()
+        a = a.strip().strip("$").rstrip(".,").strip()
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", a):
         a = a.replace(",", "")
     a = a.rstrip("%").strip()

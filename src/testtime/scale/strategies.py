@@ -55,15 +55,23 @@ def sample_candidates(
 
 
 # ----------------------------------------------------------------------------------------- selectors
+def vote_counts(cands: Sequence[Candidate], weights: Sequence[float] | None = None) -> dict[str, float]:
+    """Votes per extracted answer (1 per candidate, or its weight), in order of first appearance;
+    candidates without an answer do not vote."""
+    votes: dict[str, float] = defaultdict(float)
+    for i, c in enumerate(cands):
+        if c.answer is not None:
+            votes[c.answer] += 1.0 if weights is None else float(weights[i])
+    return dict(votes)
+
+
 def select_majority(cands: Sequence[Candidate], weights: Sequence[float] | None = None) -> Candidate | None:
     """The candidate whose answer has the largest (weighted) vote; ties go to the answer seen first."""
-    votes: dict[str, float] = defaultdict(float)
+    votes = vote_counts(cands, weights)
     first: dict[str, Candidate] = {}
-    for i, c in enumerate(cands):
-        if c.answer is None:
-            continue
-        votes[c.answer] += 1.0 if weights is None else float(weights[i])
-        first.setdefault(c.answer, c)
+    for c in cands:
+        if c.answer is not None:
+            first.setdefault(c.answer, c)
     if not votes:
         return cands[0] if cands else None
     best = max(votes, key=lambda a: votes[a])  # max keeps the first of equal keys (insertion order)
@@ -123,7 +131,7 @@ class MajorityVote:
 
     def run(self, problem: Problem, generator: Any, verifier: Any = None) -> StrategyResult:
         cands, dt = sample_candidates(generator, problem, self.n, self.sampling)
-        return _result(select_majority(cands), cands, dt)
+        return _result(select_majority(cands), cands, dt, votes=vote_counts(cands))
 
 
 @dataclass
@@ -137,7 +145,10 @@ class WeightedVote:
     def run(self, problem: Problem, generator: Any, verifier: Any) -> StrategyResult:
         _need(verifier, self.name)
         cands, dt = sample_candidates(generator, problem, self.n, self.sampling)
-        return _result(select_majority(cands, verifier.score(problem, cands)), cands, dt)
+        scores = verifier.score(problem, cands)
+        for c, sc in zip(cands, scores):
+            c.score = float(sc)
+        return _result(select_majority(cands, scores), cands, dt, votes=vote_counts(cands, scores))
 
 
 @dataclass
@@ -154,9 +165,10 @@ class BestOfN:
         _need(verifier, self.name)
         aggregate([], self.aggregation)
         cands, dt = sample_candidates(generator, problem, self.n, self.sampling)
-        return _result(
-            select_best(cands, score_candidates(verifier, problem, cands, self.aggregation)), cands, dt
-        )
+        scores = score_candidates(verifier, problem, cands, self.aggregation)
+        for c, sc in zip(cands, scores):
+            c.score = float(sc)
+        return _result(select_best(cands, scores), cands, dt)
 
 
 @dataclass
@@ -369,7 +381,8 @@ class IterativeDeepening:
             sl = slice(j * self.n, (j + 1) * self.n)
             cands = [Candidate(t, extract_answer(t), n_tok, True, logprobs=lp)
                      for t, n_tok, lp in zip(texts[sl], spent[sl], lps[sl])]  # fmt: skip
-            results.append(_result(select_majority(cands), cands, share, rounds=rnd))  # = generator calls
+            results.append(_result(select_majority(cands), cands, share, rounds=rnd,  # = generator calls
+                                   votes=vote_counts(cands)))  # fmt: skip
         return results
 
 

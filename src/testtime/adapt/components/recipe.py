@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from testtime.adapt.base import AdaptedModel
-from testtime.adapt.components.norm import AdaptiveNorm, BatchStatsNorm, convert_norm
+from testtime.adapt.components.norm import AdaptiveNorm, BatchStatsNorm
+from testtime.adapt.components.norm_types import NORM_AFFINE, NormSupport, convert_batchnorm
 from testtime.adapt.components.optim import build_optimizer
 from testtime.adapt.components.params import select_params
 from testtime.adapt.config import OptimConfig
@@ -14,11 +15,16 @@ from testtime.adapt.config import OptimConfig
 class GradientMethod(AdaptedModel):
     """A method that normalises with `norm_policy`, trains `trainable` parameters with an optimiser.
 
-    Subclasses set the class attributes and implement `step`.
+    `norm_policy` applies to BatchNorm layers; GroupNorm/LayerNorm layers keep normalising each
+    sample by itself (their affine parameters are among the `"norm"` parameters). Subclasses set
+    the class attributes and implement `step`.
     """
 
     norm_policy: ClassVar[type[AdaptiveNorm] | None] = BatchStatsNorm
     trainable: ClassVar[str] = "norm"  # see components.params.PARAM_SELECTORS
+    # the statement for the defaults above (BN: batch statistics; norm affine train on BN/GN/LN);
+    # a subclass that changes `trainable` or `norm_policy` states its own
+    norm_support: ClassVar[NormSupport | None] = NORM_AFFINE
     config: OptimConfig
 
     def norm_kwargs(self) -> dict[str, Any]:
@@ -26,7 +32,7 @@ class GradientMethod(AdaptedModel):
 
     def setup(self) -> None:
         if self.norm_policy is not None:
-            convert_norm(self.model, self.norm_policy, **self.norm_kwargs())
+            convert_batchnorm(self.model, self.norm_policy, **self.norm_kwargs())
         self.params = select_params(self.model, self.trainable)
         self.optimizer = build_optimizer(self.params, self.config)
 

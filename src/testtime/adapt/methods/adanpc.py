@@ -40,6 +40,7 @@ import torch
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.feature_memory import FeatureMemory, knn_vote
 from testtime.adapt.components.features import FeatureTap
+from testtime.adapt.components.norm_types import FROZEN
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.source_stats import extract_features
 from testtime.adapt.config import MethodConfig
@@ -107,3 +108,5 @@ class AdaNPC(AdaptedModel):
 
     def minimal_passes(self) -> Passes:
         return Passes(1, 0, "one forward gives the features the kNN vote and the memory use")
+
+    norm_support = FROZEN

@@ -33,6 +33,7 @@ import torch
 
 from testtime.adapt.components.norm import MixedStatsNorm, convert_norm
 from testtime.adapt.components.norm_mixture import GradMixedStatsNorm
+from testtime.adapt.components.norm_types import BN, BN_STATISTICS_WHY, NormSupport
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.config import OptimConfig
@@ -96,3 +97,12 @@ class AlphaBN(GradientMethod):
             return Passes(1, 0, "one forward with the mixed statistics")
         s = self.config.steps
         return Passes(s, s, "Core: per step one forward (loss and prediction) and one backward")
+
+    norm_support = NormSupport(
+        "none",
+        "alpha-mix of source and test-batch statistics",
+        kinds=(BN,),
+        note="core=True: BN affine",
+        why=BN_STATISTICS_WHY,
+        source="paper: calibrates BatchNorm statistics",
+    )

@@ -19,6 +19,7 @@ import torch
 
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.norm import BatchStatsNorm, MixedStatsNorm, convert_norm
+from testtime.adapt.components.norm_types import BN, BN_STATISTICS_WHY, NormSupport
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
@@ -56,3 +57,11 @@ class BNAdapt(AdaptedModel):
 
     def minimal_passes(self) -> Passes:
         return Passes(1, 0, "one forward: each layer's batch statistics come from the same pass")
+
+    norm_support = NormSupport(
+        "none",
+        "test-batch statistics",
+        kinds=(BN,),
+        why=BN_STATISTICS_WHY,
+        source="paper: re-estimates the BatchNorm statistics, nothing else",
+    )

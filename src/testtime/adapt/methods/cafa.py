@@ -32,12 +32,13 @@ Deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from testtime.adapt.components.features import FeatureTap
+from testtime.adapt.components.norm_types import NORM_AFFINE
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.source_stats import (
@@ -128,3 +129,7 @@ class CAFA(GradientMethod):
     def minimal_passes(self) -> Passes:
         s = self.config.steps
         return Passes(s, s, "per step one forward gives features, pseudo-labels and prediction; one backward")
+
+    norm_support = replace(
+        NORM_AFFINE, source="ours: Tent's parameterisation (CAFA follows Tent), so GN/LN affine as Tent"
+    )

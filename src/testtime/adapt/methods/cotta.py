@@ -39,6 +39,7 @@ from torch import nn
 
 from testtime.adapt.components.augment import TTAAugment
 from testtime.adapt.components.losses import cross_entropy_soft
+from testtime.adapt.components.norm_types import ALL_WEIGHTS
 from testtime.adapt.components.passes import Passes, new_tally, per_image
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.teacher import ema_update, frozen_copy, stochastic_restore
@@ -135,3 +136,5 @@ class CoTTA(AugmentedTeacherMixin, GradientMethod):
     def minimal_passes(self) -> Passes:
         s = self.config.steps
         return Passes(s + self.teacher_passes(s, self.config.n_augment), s, self.TEACHER_WHY)
+
+    norm_support = ALL_WEIGHTS

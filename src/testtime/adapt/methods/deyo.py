@@ -38,11 +38,12 @@ Deviations:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from testtime.adapt.components.losses import entropy
+from testtime.adapt.components.norm_types import NORM_AFFINE
 from testtime.adapt.components.optim import build_optimizer
 from testtime.adapt.components.passes import Passes, per_image
 from testtime.adapt.components.recipe import GradientMethod
@@ -136,3 +137,9 @@ class DeYO(GradientMethod):
             "per step one forward (entropy, PLPD reference, prediction) and one backward; plus a "
             "no-grad forward of the shuffled copies of the entropy-reliable samples only",
         )
+
+    norm_support = replace(
+        NORM_AFFINE,
+        note="top layers skipped",
+        source="official code: `collect_params` as SAR (BN, GN and LN affine parameters)",
+    )

@@ -50,6 +50,7 @@ import torch
 from testtime.adapt.components.features import find_classifier
 from testtime.adapt.components.fisher import QuadraticAnchor, fisher_diagonal, pseudo_label_loss
 from testtime.adapt.components.losses import entropy
+from testtime.adapt.components.norm_types import NORM_AFFINE
 from testtime.adapt.components.passes import Passes, new_tally, per_image
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.selection import (
@@ -203,3 +204,5 @@ class EATA(ETA):
         if self.config.fisher_alpha == 0:
             return 0.0
         return self.config.fisher_alpha * self.anchor(self.named)
+
+    norm_support = NORM_AFFINE

@@ -33,6 +33,7 @@ import torch
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.feature_memory import knn_affinity, laplacian_assignment
 from testtime.adapt.components.features import FeatureTap
+from testtime.adapt.components.norm_types import FROZEN
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
@@ -80,3 +81,5 @@ class LAME(AdaptedModel):
 
     def minimal_passes(self) -> Passes:
         return Passes(1, 0, "one forward gives features (kNN graph) and logits; the correction is on outputs")
+
+    norm_support = FROZEN

@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from testtime.adapt.components.augmix import AugMix
 from testtime.adapt.components.losses import marginal_entropy
 from testtime.adapt.components.norm import MixedStatsNorm, convert_norm
+from testtime.adapt.components.norm_types import NormSupport
 from testtime.adapt.components.optim import build_optimizer
 from testtime.adapt.components.params import select_params
 from testtime.adapt.components.passes import Passes
@@ -95,6 +96,12 @@ class MEMO(GradientMethod):
     keeps_state = False  # restored to the source after every image; only the random stream runs on
     Config = MEMOConfig
     paper = "Zhang et al., NeurIPS 2022"
+    norm_support = NormSupport(
+        "all",
+        "source/test prior mix (N=16)",
+        needs_norm=False,
+        source="official CIFAR-10 code: a GroupNorm ResNet-26, all weights train, no prior",
+    )
     trainable = "all"
     norm_policy = None
     config: MEMOConfig

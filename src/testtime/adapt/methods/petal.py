@@ -39,13 +39,14 @@ Deviations:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from testtime.adapt.components.fisher import QuadraticAnchor
 from testtime.adapt.components.losses import cross_entropy_soft
+from testtime.adapt.components.norm_types import ALL_WEIGHTS
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.teacher import ema_update
@@ -143,3 +144,5 @@ class PETAL(AugmentedTeacherMixin, GradientMethod):
     def minimal_passes(self) -> Passes:
         s = self.config.steps
         return Passes(s + self.teacher_passes(s, self.config.n_augment), s, self.TEACHER_WHY)
+
+    norm_support = replace(ALL_WEIGHTS, source="as CoTTA, whose code PETAL builds on")

@@ -63,6 +63,7 @@ from testtime.adapt.components.consistency import (
 )
 from testtime.adapt.components.features import FeatureTap, find_classifier
 from testtime.adapt.components.losses import symmetric_cross_entropy
+from testtime.adapt.components.norm_types import ALL_WEIGHTS
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.teacher import ema_update, frozen_copy
@@ -201,3 +202,5 @@ class RMT(GradientMethod):
             "no-grad teacher forward"
             + ("; plus a trained forward of an equally large source batch" if src else ""),
         )
+
+    norm_support = ALL_WEIGHTS

@@ -54,6 +54,7 @@ from testtime.adapt.components.consistency import (
 )
 from testtime.adapt.components.features import find_classifier
 from testtime.adapt.components.losses import soft_likelihood_ratio, symmetric_cross_entropy
+from testtime.adapt.components.norm_types import NORM_AFFINE
 from testtime.adapt.components.passes import Passes, new_tally, per_image
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.config import OptimConfig
@@ -134,3 +135,5 @@ class ROID(GradientMethod):
             "consistency loss adds a trained forward + backward of augmented views of the kept "
             "(diverse) samples only",
         )
+
+    norm_support = NORM_AFFINE

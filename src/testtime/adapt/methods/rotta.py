@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ from testtime.adapt.components.features import find_classifier
 from testtime.adapt.components.losses import cross_entropy_soft
 from testtime.adapt.components.memory import CategoryBalancedMemory, timeliness_weights
 from testtime.adapt.components.norm import EMAStatsNorm
+from testtime.adapt.components.norm_types import NORM_AFFINE, REFERENCE
 from testtime.adapt.components.passes import Passes, new_tally, per_image
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.teacher import frozen_copy
@@ -174,3 +175,9 @@ class RoTTA(GradientMethod):
             self.backward_and_step(loss, len(data))
             self.tally["replayed"] += len(data)
         ema_(*trainable_pairs(self.teacher, self.model), 1 - self.config.nu)
+
+    norm_support = replace(
+        NORM_AFFINE,
+        bn_stats="robust BN (EMA of batch statistics)",
+        source=f"{REFERENCE}: rotta `configure_model` replaces BN layers by robust BN and trains LN/GN affine",
+    )

@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from testtime.adapt.components.losses import entropy
+from testtime.adapt.components.norm_types import NORM_AFFINE
 from testtime.adapt.components.optim import build_optimizer
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
@@ -161,3 +162,9 @@ class SAR(CrowdFilterMixin, GradientMethod):
         self.reset()
         self.loss_ema.fill_(ema)
         self.n_recoveries.fill_(recoveries + 1)
+
+    norm_support = replace(
+        NORM_AFFINE,
+        note="top layers skipped",
+        source="paper / official code: GN and LN affine parameters in its ResNet-50-GN and ViT-B/16 experiments",
+    )

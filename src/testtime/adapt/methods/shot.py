@@ -50,7 +50,8 @@ import torch.nn.functional as F
 
 from testtime.adapt.components.features import FeatureTap
 from testtime.adapt.components.losses import information_maximization
-from testtime.adapt.components.norm import BatchStatsNorm, convert_norm
+from testtime.adapt.components.norm import BatchStatsNorm
+from testtime.adapt.components.norm_types import NormSupport, convert_batchnorm
 from testtime.adapt.components.optim import build_optimizer
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
@@ -110,6 +111,11 @@ class SHOT(GradientMethod):
     name = "shot"
     Config = SHOTConfig
     paper = "Liang et al., ICML 2020"
+    norm_support = NormSupport(
+        "features",
+        "test-batch statistics",
+        source="ours: SHOT trains the feature extractor whatever its normalisation",
+    )
     min_batch_size: ClassVar[int] = 2
     batch_limitation: ClassVar[str] = (
         "information maximisation and clustering are over a batch; for one sample the diversity "
@@ -119,7 +125,7 @@ class SHOT(GradientMethod):
 
     def setup(self) -> None:
         self.tap = FeatureTap(self.model)  # raises ModelError without an nn.Linear classifier
-        convert_norm(self.model, BatchStatsNorm)  # raises ModelError without BatchNorm
+        convert_batchnorm(self.model, BatchStatsNorm)  # GN/LN layers stay as they are
         self.model.requires_grad_(True)
         self.tap.classifier.requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]

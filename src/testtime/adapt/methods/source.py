@@ -8,6 +8,7 @@ import torch
 
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.norm import SourceNorm, batchnorm_layers, convert_norm
+from testtime.adapt.components.norm_types import FROZEN
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
@@ -38,3 +39,5 @@ class Source(AdaptedModel):
 
     def minimal_passes(self) -> Passes:
         return Passes(1, 0, "one inference forward")
+
+    norm_support = FROZEN

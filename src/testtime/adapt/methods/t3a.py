@@ -32,6 +32,7 @@ from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.feature_memory import ClassSupportSet
 from testtime.adapt.components.features import FeatureTap
 from testtime.adapt.components.losses import entropy
+from testtime.adapt.components.norm_types import FROZEN
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
@@ -74,3 +75,5 @@ class T3A(AdaptedModel):
 
     def minimal_passes(self) -> Passes:
         return Passes(1, 0, "one forward gives features and pseudo-labels; prototypes are updated from them")
+
+    norm_support = FROZEN

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from testtime.adapt.components.losses import entropy
+from testtime.adapt.components.norm_types import NORM_AFFINE
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.config import OptimConfig
@@ -59,3 +60,5 @@ class Tent(GradientMethod):
     def minimal_passes(self) -> Passes:
         s = self.config.steps
         return Passes(s, s, "per step one forward gives the loss (and the prediction), one backward")
+
+    norm_support = NORM_AFFINE

@@ -34,6 +34,7 @@ import torch
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.components.norm import convert_norm
 from testtime.adapt.components.norm_mixture import UnMixNorm
+from testtime.adapt.components.norm_types import BN, BN_STATISTICS_WHY, NormSupport
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.config import MethodConfig
 from testtime.adapt.registry import register_method
@@ -87,3 +88,11 @@ class UnMixTNS(AdaptedModel):
 
     def minimal_passes(self) -> Passes:
         return Passes(1, 0, "one forward: the statistics components are mixed and updated inside it")
+
+    norm_support = NormSupport(
+        "none",
+        "K-component mixture statistics",
+        kinds=(BN,),
+        why=BN_STATISTICS_WHY,
+        source="paper: mixes BatchNorm statistics components",
+    )
