@@ -227,3 +227,50 @@ def test_adapts_and_beats_source(source_model, noisy_stream):
     )
     src_err = 100 * float((src(x).argmax(1) != y).float().mean())
     assert err < src_err - 5, (src_err, err)
+
+
+def test_running_test_statistics_average_batches_and_anchor_to_source():
+    bn = _bn()
+    g = torch.Generator().manual_seed(5)
+    x1 = torch.randn(8, 3, 4, 4, generator=g) + 3.0
+    x2 = torch.randn(8, 3, 4, 4, generator=g) - 3.0
+    a, m = 2 / 3, 0.25
+    norm = NeighbourStatsNorm(bn, source_weight=a, test_momentum=m)
+    torch.testing.assert_close(norm.test_mean, bn.running_mean)  # starts at the source statistics
+    out1 = norm(x1)
+    var1, mean1 = torch.var_mean(x1, dim=(0, 2, 3), correction=0)
+    mean_t = (1 - m) * bn.running_mean + m * mean1
+    var_t = (1 - m) * bn.running_var + m * var1
+    torch.testing.assert_close(norm.test_mean, mean_t)
+    torch.testing.assert_close(norm.test_var, var_t)
+    ref = torch.nn.functional.batch_norm(
+        x1, a * bn.running_mean + (1 - a) * mean_t, a * bn.running_var + (1 - a) * var_t, bn.weight, bn.bias,
+        False, 0.0, bn.eps,
+    )  # fmt: skip
+    torch.testing.assert_close(out1, ref, rtol=1e-5, atol=1e-5)
+    norm(x2)  # the second batch moves the running statistics only by m
+    var2, mean2 = torch.var_mean(x2, dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(norm.test_mean, (1 - m) * mean_t + m * mean2)
+    torch.testing.assert_close(norm.test_var, (1 - m) * var_t + m * var2)
+    assert torch.equal(norm.running_mean, bn.running_mean), "the source statistics stay as they are"
+    # momentum 1 is the current batch only: the fixed blend of before
+    torch.testing.assert_close(
+        NeighbourStatsNorm(bn, source_weight=a, test_momentum=1.0)(x2),
+        NeighbourStatsNorm(bn, source_weight=a)(x2),
+    )
+
+
+def test_running_test_statistics_train_through_the_batch_and_reset(source_model, noisy_stream):
+    x = noisy_stream[0]
+    a = adapt(source_model, "auto", test_momentum=0.1)
+    h0 = state_hash(a)
+    first = a(x[:BS])
+    a(x[BS : 2 * BS])
+    assert state_hash(a) != h0
+    assert a.counters()["backward_images"] == 2 * BS
+    a.reset()
+    assert state_hash(a) == h0
+    torch.testing.assert_close(a(x[:BS]), first, rtol=0, atol=0)
+    for bad in ({"test_momentum": 0.0}, {"test_momentum": 1.5}, {"test_momentum": 0.5, "neighbours": 4}):
+        with pytest.raises(ConfigError, match="test_momentum"):
+            adapt(source_model, "auto", **bad)

@@ -210,3 +210,34 @@ def test_methods_listing_shows_what_adapts(capsys):
     assert main(["methods", "-v"]) == 0
     out = capsys.readouterr().out
     assert "refused" in out and "GN/LN" in out and "norm affine" in out
+
+
+@pytest.fixture(scope="module")
+def shipped_gn() -> nn.Module:
+    from testtime.models.zoo import load_model
+
+    return load_model("cifar10_resnet26_gn")
+
+
+def test_shipped_gn_model_is_groupnorm_and_accurate_on_clean_embedded(shipped_gn, embedded):
+    counts = norm_layer_counts(shipped_gn)
+    assert counts[BN] == 0 and counts[GN] > 0
+    groups = {m.num_groups for m in shipped_gn.modules() if isinstance(m, nn.GroupNorm)}
+    assert groups == {8}
+    assert evaluate(shipped_gn, embedded.x[:500], embedded.y[:500]) < 16.0  # 13.16% on the full test set
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_on_the_shipped_gn_model_or_refuses(shipped_gn, embedded, method):
+    x = torch.from_numpy(embedded.x[:8]).permute(0, 3, 1, 2).float() / 255
+    kw = dict(OVERRIDES.get(method, {}))
+    if getattr(get_method(method), "requires_source_data", False):
+        kw["source_data"] = (torch.from_numpy(embedded.x[8:48]).permute(0, 3, 1, 2).float() / 255,
+                             torch.from_numpy(embedded.y[8:48].astype("int64")))  # fmt: skip
+    if GN not in get_method(method).norm_support.kinds:
+        with pytest.raises(ModelError, match=r"GroupNorm|BatchNorm"):
+            adapt(shipped_gn, method, **kw)
+        return
+    adapted = adapt(shipped_gn, method, **kw)
+    out = adapted(x)
+    assert out.shape == (8, 10) and torch.isfinite(out).all()

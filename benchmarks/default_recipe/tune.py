@@ -36,6 +36,12 @@ SCENARIOS = {  # name -> (scenario, options, batch size, images per corruption o
     "continual_n2000": ("continual", (), 200, 2000),
     "mixed_domains_n2000": ("mixed_domains", (), 200, 2000),
     "correlated_n2000": ("correlated", (("delta", "0.1"),), 200, 2000),
+    # full length (n None: all 10,000 CIFAR-10 test images under each validation corruption, 40,000-
+    # image streams, data "auto"): the test streams' length, where label-correlated streams are harder
+    "continual_full": ("continual", (), 200, None),
+    "mixed_domains_full": ("mixed_domains", (), 200, None),
+    "correlated_full": ("correlated", (("delta", "0.1"),), 200, None),
+    "mixed_correlated_full": ("mixed_correlated", (("delta", "0.1"),), 200, None),
 }
 
 # label -> (method, overrides). Baselines first, then the recipe's candidates (an ablation around
@@ -82,6 +88,20 @@ CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
     "auto:sw0.333_prior_correction": ("auto", {"source_weight": "0.3333", "prior_correction": "True"}),
     # the recipe as shipped: the library's defaults, nothing passed (None)
     "auto:defaults": ("auto", None),
+    # round 3, after the first full-length test cells (see README "Round 3"): running test statistics
+    "auto:tm0.1": ("auto", {"source_weight": "0.6667", "prior_correction": "True", "test_momentum": "0.1"}),
+    # ablation, run after the defaults were fixed (a report, not a choice): the recipe minus one part
+    "ablate:no_source_blend": ("auto", {"prior_correction": "True"}),
+    "ablate:no_loss": ("auto", {"loss": "none", "source_weight": "0.6667", "prior_correction": "True"}),
+    "ablate:no_prior_correction": ("auto", {"source_weight": "0.6667"}),
+    "ablate:no_ensembling": (
+        "auto",
+        {"source_weight": "0.6667", "prior_correction": "True", "momentum_src": "1.0"},
+    ),
+    "ablate:no_weighting": (
+        "auto",
+        {"source_weight": "0.6667", "prior_correction": "True", "use_weighting": "False"},
+    ),
 }
 
 
@@ -123,7 +143,7 @@ def cell_for(label: str, scenario: str) -> Cell:
         corruptions=VALIDATION_CORRUPTIONS,
         n_per_domain=n_per_domain,
         overrides=tuple(sorted(overrides.items())),
-        data="embedded",
+        data="embedded" if n_per_domain else "auto",
     )
 
 

@@ -235,7 +235,7 @@ def cmd_train_source(args: argparse.Namespace, console: Console) -> int:
 
     from testtime.data.cifar import find_cifar10, load_cifar10
     from testtime.errors import ConfigError
-    from testtime.models.train import TrainConfig, train_source
+    from testtime.models.train import MIXES, OPTIMIZERS, config_for, train_source
     from testtime.models.zoo import ARCHS
 
     # every input is checked before 60,000 images are read
@@ -250,8 +250,19 @@ def cmd_train_source(args: argparse.Namespace, console: Console) -> int:
     ):
         if value is not None and value < lo:
             raise ConfigError(f"{name} must be >= {lo}, got {value}")
-    if not (args.lr > 0 and args.lr < float("inf")):
+    if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
         raise ConfigError(f"--lr must be a positive number, got {args.lr}")
+    for name, value, known in (("--optimizer", args.optimizer, OPTIMIZERS), ("--mix", args.mix, MIXES)):
+        if value is not None and value not in known:
+            raise ConfigError(f"{name} must be one of {', '.join(known)}, got {value!r}")
+    for name, value, top in (
+        ("--weight-decay", args.weight_decay, float("inf")),
+        ("--label-smoothing", args.label_smoothing, 1.0),
+        ("--grad-clip", args.grad_clip, float("inf")),
+    ):
+        if value is not None and not (0 <= value < top):
+            bound = "a finite number >= 0" if top == float("inf") else f"in [0, {top:g})"
+            raise ConfigError(f"{name} must be {bound}, got {value}")
     if find_cifar10(args.data) is None:  # an explicit --data that does not exist raises here
         raise ConfigError(
             "train-source needs the full CIFAR-10 (the 2,000 shipped test images are not a training set); "
@@ -260,18 +271,29 @@ def cmd_train_source(args: argparse.Namespace, console: Console) -> int:
             "(to ~/.cache/testtime/data, which is searched)"
         )
     args.threads = _threads(args.threads, console)
-    cfg = TrainConfig(
-        arch=args.arch,
+    # the architecture's preset (testtime.models.train.PRESETS), then every flag given explicitly
+    cfg = config_for(
+        args.arch,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
         bf16=not args.no_bf16,
         threads=args.threads,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        mix=args.mix,
+        grad_clip=args.grad_clip,
     )
     train = load_cifar10("train", args.data)
     test = load_cifar10("test", args.data)
     console.log(f"training {cfg.arch} on {train.source} ({len(train)} images), {cfg.epochs} epochs")
+    console.log(
+        f"recipe: {cfg.optimizer} lr {cfg.lr:g} (batch {cfg.batch_size}), weight decay {cfg.weight_decay:g}, "
+        f"{cfg.warmup_epochs} warm-up epochs, label smoothing {cfg.label_smoothing:g}, mix {cfg.mix}, "
+        f"grad clip {cfg.grad_clip:g}"
+    )
     train_source(
         cfg, (train.x, train.y), (test.x, test.y.astype(np.int64)), args.out, stop_after=args.stop_after
     )
@@ -595,10 +617,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--arch", default="resnet26", help="architecture to train (see `testtime models`)")
     t.add_argument(
-        "--epochs", type=int, default=60, help="training epochs (cosine schedule over all of them)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs (cosine schedule over all of them); default: 100 for vit_tiny_p4, else 60",
     )
-    t.add_argument("--batch-size", "-b", type=int, default=128, help="training images per SGD step")
-    t.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (after a 2-epoch warm-up)")
+    t.add_argument("--batch-size", "-b", type=int, default=128, help="training images per optimizer step")
+    t.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate, after the warm-up (vit_tiny_p4: 5 epochs, else 2); default: 1e-3 for "
+        "vit_tiny_p4 (at batch 128, not rescaled with --batch-size), else 0.1",
+    )
+    t.add_argument(
+        "--optimizer",
+        default=None,
+        help="sgd (Nesterov, momentum 0.9) or adamw; default: adamw for vit_tiny_p4, else sgd",
+    )
+    t.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="weight decay of weight tensors (ndim > 1; none on biases and norms); "
+        "default: 0.05 for vit_tiny_p4, else 5e-4",
+    )
+    t.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=None,
+        help="label smoothing of the cross-entropy, in [0, 1); default: 0.1 for vit_tiny_p4, else 0",
+    )
+    t.add_argument(
+        "--mix",
+        default=None,
+        help="none, or mixup_cutmix (DeiT: every batch mixup alpha 0.8 or CutMix alpha 1.0, 50/50); "
+        "default: mixup_cutmix for vit_tiny_p4, else none",
+    )
+    t.add_argument(
+        "--grad-clip",
+        type=float,
+        default=None,
+        help="clip the global gradient norm to this (0: off); default: 1.0 for vit_tiny_p4, else 0",
+    )
     t.add_argument("--seed", type=int, default=0, help="seed of the initialisation, order and augmentation")
     t.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     t.add_argument(

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import random
+import re
 import tempfile
 from collections.abc import Collection
 from pathlib import Path
@@ -60,6 +61,28 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def torch_load_error(e: BaseException) -> str:
+    """torch.load's error in one line, without its advice to retry with weights_only=False (which
+    would run arbitrary code from an untrusted file)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        m = re.search(r"WeightsUnpickler error: (.+?)(?: was not an allowed global| Please use|\n|$)", text)
+        detail = m.group(1).strip() if m else "an object other than tensors and plain containers"
+        return f"it holds Python objects that a weights-only load refuses ({detail})"
+    first = (text.strip().splitlines() or ["empty or truncated file"])[0]
+    return f"{type(e).__name__}: {first}"
+
+
+def load_weights_only(path: str | Path, error: type[Exception], problem: str) -> Any:
+    """`torch.load(path, map_location="cpu", weights_only=True)`; any failure (missing, truncated,
+    not a torch file, Python objects a weights-only load refuses) raises `error` with one line:
+    "PATH: PROBLEM (reason)"."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise error(f"{path}: {problem} ({torch_load_error(e)})") from None
 
 
 def sha256_file(path: str | Path) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from testtime.errors import ModelError
-from testtime.utils import _feed_digest
+from testtime.utils import _feed_digest, load_weights_only
 
 FORMAT = "testtime-adaptation-state"
 VERSION = 1
@@ -48,18 +47,6 @@ def pack_state(state: Mapping[str, Any], method: str) -> dict[str, Any]:
     }
 
 
-def _torch_error(e: Exception) -> str:
-    """torch.load's error in one line, without its advice to retry with weights_only=False (which
-    would run arbitrary code from an untrusted file)."""
-    text = str(e)
-    if "Weights only load failed" in text:
-        m = re.search(r"WeightsUnpickler error: (.+?)(?: was not an allowed global| Please use|\n|$)", text)
-        detail = m.group(1).strip() if m else "an object other than tensors and plain containers"
-        return f"it holds Python objects that a weights-only load refuses ({detail})"
-    first = (text.strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}"
-
-
 def read_state_file(path: str | os.PathLike) -> dict[str, Any]:
     """The state dict in a file written by `save_state`, after checking its checksum.
 
@@ -69,12 +56,9 @@ def read_state_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"state file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(
-            f"{path}: cannot read the adaptation state (truncated or not a state file; {_torch_error(e)})"
-        ) from None
+    obj = load_weights_only(
+        path, ModelError, "cannot read the adaptation state: truncated or not a state file"
+    )
     if not isinstance(obj, Mapping):
         raise ModelError(
             f"{path}: not an adaptation state file (expected a state dict, got {type(obj).__name__})"

@@ -22,7 +22,7 @@ from testtime.adapt.base import AdaptedModel
 from testtime.data.streams import Stream
 from testtime.errors import DataError
 from testtime.metrics import MetricAccumulator, reliability_bins
-from testtime.utils import atomic_torch_save, atomic_write_json
+from testtime.utils import atomic_torch_save, atomic_write_json, load_weights_only
 
 
 def peak_rss_mb() -> float:
@@ -172,12 +172,7 @@ def resume_progress(
 ) -> tuple[int, float, int]:
     """Load a snapshot written by `save_progress` into `adapted`, `accs` and `trace`; return
     (batches done, seconds, resets). A snapshot of another method or stream is refused."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(
-            f"{path}: unreadable progress file ({type(e).__name__}); delete it to start over"
-        ) from e
+    state = load_weights_only(path, DataError, "unreadable progress file; delete it to start over")
     expect = {
         "version": PROGRESS_VERSION,
         "method": adapted.name,

@@ -22,7 +22,7 @@ from testtime.models.imagenet import is_imagenet_name, load_imagenet_model, mode
 from testtime.models.resnet import CifarResNet
 from testtime.models.robustbench import AUGMIX_NORM, CifarResNeXt, WideResNet
 from testtime.models.vit import ViT
-from testtime.utils import sha256_file
+from testtime.utils import load_weights_only, sha256_file
 
 ARCHS: dict[str, Callable[[], nn.Module]] = {
     "resnet20": lambda: CifarResNet(depth=20),
@@ -58,6 +58,15 @@ SHIPPED: dict[str, ShippedModel] = {
             sha256="7f14361a539daf6b56b243a22af12081e9bce5664c0e0e4f668f77998488676a",
             description="CIFAR ResNet-26 (BatchNorm), `testtime train-source`, 48 epochs, seed 0 "
             "(CIFAR-10 test error 11.37%)",
+        ),
+        ShippedModel(
+            name="cifar10_resnet26_gn",
+            arch="resnet26_gn",
+            dataset="cifar10",
+            file="cifar10_resnet26_gn.pt",
+            sha256="37bb846a2dd253b99a2fd25c5e95a65df6de7984c0cd4d45c9d331b7973ba3ad",
+            description="CIFAR ResNet-26 with GroupNorm (8 groups), `testtime train-source`, 48 epochs, "
+            "seed 0 (CIFAR-10 test error 13.16%)",
         ),
         ShippedModel(
             name="mnist_digitnet",
@@ -216,11 +225,7 @@ def load_state(path: str | os.PathLike, sha256: str | None = None) -> dict[str, 
         raise ModelError(f"weights file not found: {path}")
     if sha256 is not None and sha256_file(path) != sha256:
         raise ModelError(f"{path}: sha256 mismatch (file corrupted or replaced); expected {sha256}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or ["empty or truncated file"])[0]
-        raise ModelError(f"{path}: cannot load weights ({type(e).__name__}: {first})") from e
+    state = load_weights_only(path, ModelError, "cannot load weights")
     for key in ("model", "state_dict"):  # a training checkpoint
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

@@ -4,6 +4,7 @@ weight ensembling with the source, certainty/diversity weighting and prior corre
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,18 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, fallback: tor
     counts = onehot.sum(0)
     means = onehot.T @ features / counts.clamp_min(1)[:, None]
     return torch.where(counts[:, None] > 0, means, fallback.to(features.dtype))
+
+
+def roid_checks(cfg: Any) -> list[tuple[str, bool, str]]:
+    """Config checks shared by every recipe with ROID's weighting, source ensembling and SLR loss
+    (fields momentum_src, momentum_probs, temperature, slr_clip, slr_eps)."""
+    return [
+        ("momentum_src", 0 <= cfg.momentum_src <= 1, "must be in [0, 1]"),
+        ("momentum_probs", 0 <= cfg.momentum_probs <= 1, "must be in [0, 1]"),
+        ("temperature", 0 < cfg.temperature < float("inf"), "must be > 0"),
+        ("slr_clip", 0 < cfg.slr_clip < 1, "must be in (0, 1)"),
+        ("slr_eps", cfg.slr_eps > 0, "must be > 0"),
+    ]
 
 
 @torch.no_grad()

@@ -11,7 +11,11 @@ source statistics as in Schneider et al. (NeurIPS 2020): `a = prior_n / (prior_n
 fixed source weight `a = source_weight` whatever the batch size (alpha-BN, You et al. 2021). With
 `instance_alpha > 0` each sample's statistics are then corrected towards its own instance
 statistics where these lie more than `instance_alpha` standard errors away (the instance-aware
-BN of NOTE, Gong et al., NeurIPS 2022).
+BN of NOTE, Gong et al., NeurIPS 2022). With `test_momentum < 1` the test statistics are not the
+current batch's but a running average over batches updated with it at that momentum (the
+exponential moving average of RoTTA's robust BN, Yuan et al. CVPR 2023, and DELTA's test-time
+batch renormalisation, Zhao et al. ICLR 2023), so a batch of few classes (label-correlated
+streams) or few samples moves the statistics less.
 """
 
 from __future__ import annotations
@@ -38,8 +42,17 @@ class NeighbourStatsNorm(AdaptiveNorm):
         prior_n: float = 0.0,
         instance_alpha: float = 0.0,
         source_weight: float = 0.0,
+        test_momentum: float = 1.0,
     ) -> None:
         super().__init__(bn)
+        if not 0 < test_momentum <= 1:
+            raise ModelError(
+                f"test_momentum must be in (0, 1] (1: the current batch only), got {test_momentum}"
+            )
+        if test_momentum < 1 and (neighbours > 0 or instance_alpha > 0):
+            raise ModelError(
+                "test_momentum < 1 needs whole-batch statistics (neighbours=0, instance_alpha=0)"
+            )
         if neighbours < 0:
             raise ModelError(f"neighbours must be >= 0 (0: the whole batch), got {neighbours}")
         if prior_n < 0:
@@ -58,12 +71,17 @@ class NeighbourStatsNorm(AdaptiveNorm):
             float(instance_alpha),
         )
         self.source_weight = float(source_weight)
-        self.needs_batch = prior_n == 0 and source_weight == 0
+        self.test_momentum = float(test_momentum)
+        self.needs_batch = prior_n == 0 and source_weight == 0 and test_momentum == 1
+        if self.test_momentum < 1:  # running test statistics, starting at the source's
+            self.register_buffer("test_mean", self.running_mean.detach().clone())
+            self.register_buffer("test_var", self.running_var.detach().clone())
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, neighbours={self.neighbours}, prior_n={self.prior_n}, "
-            f"source_weight={self.source_weight}, instance_alpha={self.instance_alpha}"
+            f"source_weight={self.source_weight}, instance_alpha={self.instance_alpha}, "
+            f"test_momentum={self.test_momentum}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +139,21 @@ class NeighbourStatsNorm(AdaptiveNorm):
         a = self.source_weight if self.source_weight > 0 else self.prior_n / (self.prior_n + x.shape[0])
         w = self.weight if self.weight is not None else torch.ones_like(self.running_mean)
         b = self.bias if self.bias is not None else torch.zeros_like(self.running_mean)
-        return _BlendedBatchNorm.apply(
-            x, w, b, self.running_mean.float(), self.running_var.float(), a, self.eps
-        )
+        mean_s, var_s = self.running_mean.float(), self.running_var.float()
+        m = self.test_momentum
+        if m < 1:
+            # a * source + (1 - a) * (running test statistics updated with this batch at momentum m):
+            # the batch enters with weight (1 - a) m, the rest is a fixed anchor (no gradient)
+            anchor = 1 - (1 - a) * m
+            mean_s = (a * mean_s + (1 - a) * (1 - m) * self.test_mean.float()) / anchor
+            var_s = (a * var_s + (1 - a) * (1 - m) * self.test_var.float()) / anchor
+            y = _BlendedBatchNorm.apply(x, w, b, mean_s, var_s, anchor, self.eps)
+            with torch.no_grad():
+                var_b, mean_b = _moments(x.detach(), self.reduce_dims(x))
+                self.test_mean.lerp_(mean_b.to(self.test_mean.dtype), m)
+                self.test_var.lerp_(var_b.to(self.test_var.dtype), m)
+            return y
+        return _BlendedBatchNorm.apply(x, w, b, mean_s, var_s, a, self.eps)
 
 
 class _BlendedBatchNorm(torch.autograd.Function):

@@ -15,6 +15,7 @@ from torch import nn
 
 from testtime.adapt.components.features import FeatureTap
 from testtime.errors import DataError
+from testtime.utils import load_weights_only
 
 
 @torch.no_grad()
@@ -50,10 +51,10 @@ class ClassFeatureStats:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ClassFeatureStats:
         """Read statistics written by `save` (a dict of tensors; loaded with weights_only=True)."""
+        d = load_weights_only(path, DataError, "not a source statistics file")
         try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
             return cls(d["means"].float(), d["covs"].float(), d["counts"])
-        except (OSError, KeyError, RuntimeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{path}: not a source statistics file ({type(e).__name__}: {e})") from e
 
 

@@ -51,6 +51,7 @@ from testtime.adapt.components.consistency import (
     SourceWeights,
     certainty_diversity_weights,
     prior_correction,
+    roid_checks,
 )
 from testtime.adapt.components.features import find_classifier
 from testtime.adapt.components.losses import soft_likelihood_ratio, symmetric_cross_entropy
@@ -77,11 +78,7 @@ class ROIDConfig(OptimConfig):
     def checks(self) -> list[tuple[str, bool, str]]:
         return [
             *super().checks(),
-            ("momentum_src", 0 <= self.momentum_src <= 1, "must be in [0, 1]"),
-            ("momentum_probs", 0 <= self.momentum_probs <= 1, "must be in [0, 1]"),
-            ("temperature", self.temperature > 0 and self.temperature < float("inf"), "must be > 0"),
-            ("slr_clip", 0 < self.slr_clip < 1, "must be in (0, 1)"),
-            ("slr_eps", self.slr_eps > 0, "must be > 0"),
+            *roid_checks(self),
         ]
 
 

@@ -1,0 +1,81 @@
+"""Markdown tables of the `default_vs_zoo` suite from its cell files (issue 15).
+
+    python benchmarks/default_vs_zoo/table.py [RESULTS_DIR]   # default: this folder
+
+Error (%) per column: the recipe's mean ± std over its seeds (its seed count in brackets when
+fewer than 3 have run), every other row its first seed; "·" where a cell has not run yet. Then
+NLL and ECE per column. Nothing here is typed in by hand: every number is read from `cells/`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from testtime.bench.suites import DEFAULT_RECIPE, default_vs_zoo_columns
+
+HERE = Path(__file__).resolve().parent
+ORDER = ["auto", "source", "bn", "tent", "rmt", "deyo", "roid", "cotta", "eta", "eata", "lame", "sar"]
+
+
+def _value(cell: dict, metric: str) -> float | None:
+    rows = [r for r in cell["rows"] if r["metric"] == metric]
+    for r in rows:
+        if r["corruption"] in ("mean", "all"):
+            return float(r["value"])
+    return statistics.mean(float(r["value"]) for r in rows) if rows else None
+
+
+def load(results: Path) -> dict[tuple[str, str], dict[int, dict]]:
+    """(column, method) -> seed -> cell payload."""
+    columns = default_vs_zoo_columns("auto")
+    out: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for f in sorted((results / "cells").glob("*.json")):
+        cell = json.loads(f.read_text())
+        c = cell["cell"]
+        found = {**c, "scenario_options": tuple(map(tuple, c["scenario_options"]))}
+        for name, setting in columns:
+            keys = ("dataset", "scenario", "batch_size", "scenario_options", "n_per_domain")
+            if all(
+                found.get(k) == setting.get(k, default)
+                for k, default in zip(keys, (None, None, 200, (), None))
+            ):
+                out[(name, c["method"])][int(c["seed"])] = cell
+    return out
+
+
+def table(cells: dict, metric: str, digits: int) -> str:
+    columns = [n for n, _ in default_vs_zoo_columns("auto")]
+    methods = sorted({m for _, m in cells}, key=lambda m: (ORDER.index(m) if m in ORDER else 99, m))
+    lines = ["| method | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for m in methods:
+        row = []
+        for col in columns:
+            seeds = cells.get((col, m), {})
+            vals = [v for s in sorted(seeds) if (v := _value(seeds[s], metric)) is not None]
+            if not vals:
+                row.append("·")
+            elif m == DEFAULT_RECIPE and len(vals) > 1:
+                sd = statistics.stdev(vals)
+                row.append(
+                    f"{statistics.mean(vals):.{digits}f} ± {sd:.{digits}f}"
+                    + ("" if len(vals) >= 3 else f" ({len(vals)})")
+                )
+            else:
+                row.append(f"{vals[0]:.{digits}f}" + (" (1)" if m == DEFAULT_RECIPE else ""))
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    results = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE
+    cells = load(results)
+    for metric, title, digits in (("error", "Error (%)", 1), ("nll", "NLL", 3), ("ece", "ECE (%)", 1)):
+        print(f"### {title}\n\n{table(cells, metric, digits)}\n")
+
+
+if __name__ == "__main__":
+    main()
