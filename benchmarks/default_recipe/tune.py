@@ -90,6 +90,22 @@ CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
     "auto:defaults": ("auto", None),
     # round 3, after the first full-length test cells (see README "Round 3"): running test statistics
     "auto:tm0.1": ("auto", {"source_weight": "0.6667", "prior_correction": "True", "test_momentum": "0.1"}),
+    "auto:tm0.1_noguard": (
+        "auto",
+        {"source_weight": "0.6667", "prior_correction": "True", "test_momentum": "0.1", "guard": "false"},
+    ),
+    "auto:tm0.02_noguard": (
+        "auto",
+        {"source_weight": "0.6667", "prior_correction": "True", "test_momentum": "0.02", "guard": "false"},
+    ),
+    "auto:tm0.05_noguard": (
+        "auto",
+        {"source_weight": "0.6667", "prior_correction": "True", "test_momentum": "0.05", "guard": "false"},
+    ),
+    "auto:tm0.1_no_loss": (
+        "auto",
+        {"loss": "none", "source_weight": "0.6667", "prior_correction": "True", "test_momentum": "0.1"},
+    ),
     # ablation, run after the defaults were fixed (a report, not a choice): the recipe minus one part
     "ablate:no_source_blend": ("auto", {"prior_correction": "True"}),
     "ablate:no_loss": ("auto", {"loss": "none", "source_weight": "0.6667", "prior_correction": "True"}),
