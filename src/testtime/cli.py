@@ -235,7 +235,7 @@ def cmd_train_source(args: argparse.Namespace, console: Console) -> int:
 
     from testtime.data.cifar import find_cifar10, load_cifar10
     from testtime.errors import ConfigError
-    from testtime.models.train import MIXES, OPTIMIZERS, config_for, train_source
+    from testtime.models.train import check_config, config_for, train_source
     from testtime.models.zoo import ARCHS
 
     # every input is checked before 60,000 images are read
@@ -252,25 +252,6 @@ def cmd_train_source(args: argparse.Namespace, console: Console) -> int:
             raise ConfigError(f"{name} must be >= {lo}, got {value}")
     if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
         raise ConfigError(f"--lr must be a positive number, got {args.lr}")
-    for name, value, known in (("--optimizer", args.optimizer, OPTIMIZERS), ("--mix", args.mix, MIXES)):
-        if value is not None and value not in known:
-            raise ConfigError(f"{name} must be one of {', '.join(known)}, got {value!r}")
-    for name, value, top in (
-        ("--weight-decay", args.weight_decay, float("inf")),
-        ("--label-smoothing", args.label_smoothing, 1.0),
-        ("--grad-clip", args.grad_clip, float("inf")),
-    ):
-        if value is not None and not (0 <= value < top):
-            bound = "a finite number >= 0" if top == float("inf") else f"in [0, {top:g})"
-            raise ConfigError(f"{name} must be {bound}, got {value}")
-    if find_cifar10(args.data) is None:  # an explicit --data that does not exist raises here
-        raise ConfigError(
-            "train-source needs the full CIFAR-10 (the 2,000 shipped test images are not a training set); "
-            "pass --data PATH, set $TESTTIME_DATA, or download it with "
-            "`python -c 'from testtime.data.cifar import download_cifar10; download_cifar10()'` "
-            "(to ~/.cache/testtime/data, which is searched)"
-        )
-    args.threads = _threads(args.threads, console)
     # the architecture's preset (testtime.models.train.PRESETS), then every flag given explicitly
     cfg = config_for(
         args.arch,
@@ -279,13 +260,21 @@ def cmd_train_source(args: argparse.Namespace, console: Console) -> int:
         lr=args.lr,
         seed=args.seed,
         bf16=not args.no_bf16,
-        threads=args.threads,
         optimizer=args.optimizer,
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         mix=args.mix,
         grad_clip=args.grad_clip,
     )
+    check_config(cfg, flags=True)
+    if find_cifar10(args.data) is None:  # an explicit --data that does not exist raises here
+        raise ConfigError(
+            "train-source needs the full CIFAR-10 (the 2,000 shipped test images are not a training set); "
+            "pass --data PATH, set $TESTTIME_DATA, or download it with "
+            "`python -c 'from testtime.data.cifar import download_cifar10; download_cifar10()'` "
+            "(to ~/.cache/testtime/data, which is searched)"
+        )
+    cfg.threads = _threads(args.threads, console)
     train = load_cifar10("train", args.data)
     test = load_cifar10("test", args.data)
     console.log(f"training {cfg.arch} on {train.source} ({len(train)} images), {cfg.epochs} epochs")

@@ -201,20 +201,15 @@ def archs(args: SuiteArgs) -> list[Cell]:
     (bn, alpha_bn, unmix_tns) are left out: they refuse these models."""
     from testtime.models.zoo import SHIPPED
 
-    base = {"dataset": "cifar10", "data": args.data, "severity": 5, "batch_size": 200}
     cells: list[Cell] = []
     for model, kind in ARCH_MODELS.items():
         if model not in SHIPPED:
             continue
-        settings = [
-            {**base, "model": model, "scenario": "continual"},
-            {**base, "model": model, "scenario": "mixed_domains"},
-            {**base, "model": model, "scenario": "correlated", "scenario_options": (("delta", "0.1"),)},
+        base = {"dataset": "cifar10", "data": args.data, "severity": 5, "batch_size": 200, "model": model}
+        deltas = ("0.1", "0.01") if kind == "GroupNorm" else ("0.1",)
+        settings = [{**base, "scenario": "continual"}, {**base, "scenario": "mixed_domains"}] + [
+            {**base, "scenario": "correlated", "scenario_options": (("delta", d),)} for d in deltas
         ]
-        if kind == "GroupNorm":
-            settings.append(
-                {**base, "model": model, "scenario": "correlated", "scenario_options": (("delta", "0.01"),)}
-            )
         methods = [m for m in _methods(list_methods(), args) if kind in get_method(m).norm_support.kinds]
         methods.sort(key=lambda m: m in EXPENSIVE_METHODS)
         for m in methods:

@@ -90,20 +90,26 @@ def config_for(arch: str, **overrides: object) -> TrainConfig:
     return TrainConfig(arch=arch, **fields)
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """ConfigError for recipe values train_source cannot use (before anything is written)."""
+def check_config(cfg: TrainConfig, flags: bool = False) -> None:
+    """ConfigError for recipe values train_source cannot use (before anything is written); with
+    `flags`, each value is named by its `train-source` flag (`--weight-decay`) instead of its field."""
     from testtime.errors import ConfigError
 
+    def name(field: str) -> str:
+        return "--" + field.replace("_", "-") if flags else field
+
     if cfg.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+        raise ConfigError(
+            f"{name('optimizer')} must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}"
+        )
     if cfg.mix not in MIXES:
-        raise ConfigError(f"mix must be one of {', '.join(MIXES)}, got {cfg.mix!r}")
+        raise ConfigError(f"{name('mix')} must be one of {', '.join(MIXES)}, got {cfg.mix!r}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ConfigError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+        raise ConfigError(f"{name('label_smoothing')} must be in [0, 1), got {cfg.label_smoothing}")
     if not (cfg.grad_clip >= 0 and math.isfinite(cfg.grad_clip)):
-        raise ConfigError(f"grad_clip must be a finite number >= 0 (0: off), got {cfg.grad_clip}")
+        raise ConfigError(f"{name('grad_clip')} must be a finite number >= 0 (0: off), got {cfg.grad_clip}")
     if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
-        raise ConfigError(f"weight_decay must be a finite number >= 0, got {cfg.weight_decay}")
+        raise ConfigError(f"{name('weight_decay')} must be a finite number >= 0, got {cfg.weight_decay}")
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:

@@ -147,20 +147,20 @@ class NeighbourStatsNorm(AdaptiveNorm):
             anchor = 1 - (1 - a) * m
             mean_s = (a * mean_s + (1 - a) * (1 - m) * self.test_mean.float()) / anchor
             var_s = (a * var_s + (1 - a) * (1 - m) * self.test_var.float()) / anchor
-            y = _BlendedBatchNorm.apply(x, w, b, mean_s, var_s, anchor, self.eps)
+            y, mean_b, var_b = _BlendedBatchNorm.apply(x, w, b, mean_s, var_s, anchor, self.eps)
             with torch.no_grad():
-                var_b, mean_b = _moments(x.detach(), self.reduce_dims(x))
                 self.test_mean.lerp_(mean_b.to(self.test_mean.dtype), m)
                 self.test_var.lerp_(var_b.to(self.test_var.dtype), m)
             return y
-        return _BlendedBatchNorm.apply(x, w, b, mean_s, var_s, a, self.eps)
+        return _BlendedBatchNorm.apply(x, w, b, mean_s, var_s, a, self.eps)[0]
 
 
 class _BlendedBatchNorm(torch.autograd.Function):
     """y = w (x - m) / sqrt(v + eps) + b with m = a mu_s + (1 - a) mu_b and v = a var_s + (1 - a)
     var_b (mu_b, var_b: the batch moments), differentiable in x, w and b like batch norm in
     training mode; the backward needs two reductions and one elementwise pass (autograd through the
-    separate moment reductions costs about twice as much on CPU)."""
+    separate moment reductions costs about twice as much on CPU). Returns (y, mu_b, var_b): the batch
+    moments come out without gradient, for callers that keep running statistics."""
 
     @staticmethod
     def forward(ctx, x, w, b, mean_s, var_s, a, eps):  # type: ignore[override]
@@ -172,10 +172,11 @@ class _BlendedBatchNorm(torch.autograd.Function):
         scale = w * inv
         ctx.save_for_backward(x, w, inv, mean, mean_b)
         ctx.a, ctx.count = a, x.numel() // x.shape[1]
-        return torch.addcmul((b - mean * scale).reshape(shape), x, scale.reshape(shape))
+        ctx.mark_non_differentiable(mean_b, var_b)
+        return torch.addcmul((b - mean * scale).reshape(shape), x, scale.reshape(shape)), mean_b, var_b
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx, g, _g_mean, _g_var):  # type: ignore[override]
         x, w, inv, mean, mean_b = ctx.saved_tensors
         a, count = ctx.a, ctx.count
         dims = [0, *range(2, x.dim())]
