@@ -182,3 +182,15 @@ def test_tent_adapts_layernorm_model_without_bn():
     a(torch.rand(8, 3, 2, 2))
     changed = {k for k, v in a.model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed == {"net.2.weight", "net.2.bias"}
+
+
+def test_default_is_our_recipe():
+    from testtime.adapt.registry import DEFAULT_METHOD, get_method, resolve_method
+
+    m = build_model("resnet20")
+    assert (
+        DEFAULT_METHOD == "auto" and resolve_method("default") == "auto" and resolve_method("tent") == "tent"
+    )
+    assert type(adapt(m)).name == "auto" and type(adapt(m, "default")).name == "auto"
+    assert get_method("default") is get_method("auto")
+    assert type(adapt(m)).Config().test_momentum < 1, "the shipped defaults keep running statistics"

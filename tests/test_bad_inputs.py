@@ -155,7 +155,7 @@ TINY = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), to
 
 @pytest.mark.parametrize("name", ["nope", "", "TENT", " tent", "tent ", "ten", "bn,tent", "all", None, 3])
 def test_unknown_method_name(name):
-    with pytest.raises(ConfigError, match=r"unknown method .*; known: source, bn, tent"):
+    with pytest.raises(ConfigError, match=r"unknown method .*; known: default \(auto\), source, bn, tent"):
         adapt(TINY, name)
 
 

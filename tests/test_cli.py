@@ -143,3 +143,13 @@ def test_console_script_help():
             [sys.executable, "-m", "testtime.cli", *sub, "--help"], capture_output=True, text=True
         )
         assert r.returncode == 0 and "usage: testtime" in r.stdout
+
+
+def test_run_default_records_the_recipe_it_resolves_to(tmp_path):
+    rc = main(
+        ["run", "-m", "default", "--corruptions", "contrast", "--n-per-domain", "100", "--batch-size", "50",
+         "--out", str(tmp_path), "--run-id", "d", "--cache-dir", str(tmp_path / "cache")]
+    )  # fmt: skip
+    assert rc == 0
+    rows = list(csv.DictReader((tmp_path / "d" / "results.csv").open()))
+    assert {r["method"] for r in rows} == {"auto"}

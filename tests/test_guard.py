@@ -178,5 +178,11 @@ def test_confirmation_rule():
     assert CollapseGuard.confirms(two, diverse) and not CollapseGuard.confirms(
         two, onehot([3, 7, 3, 7, 1] * 2)
     )
+    # a one-class batch the adapted model gets right, the source model only partly: label skew,
+    # not collapse (the source's errors are more diverse, but its most-predicted class is the same)
+    right = onehot([5] * 10)
+    assert not CollapseGuard.confirms(right, onehot([5, 5, 5, 1, 2, 3, 4, 6, 7, 8]))
+    assert CollapseGuard.confirms(right, onehot([5, 1, 1, 1, 2, 3, 4, 6, 7, 8]))  # the source's mode is 1
+    assert CollapseGuard.confirms(right, onehot([5, 5, 0, 1, 2, 3, 4, 6, 7, 8]))  # 20% is no majority
     assert diversity(torch.zeros(8, dtype=torch.long), 10) == 0.0
     assert diversity(torch.arange(10), 10) == pytest.approx(1.0)

@@ -12,7 +12,10 @@ from testtime.adapt.components.norm_local import NeighbourStatsNorm
 from testtime.errors import ConfigError, DataError, ModelError
 
 BS = 16
+STAT_BUFFERS = {"test_mean", "test_var", "last_mean", "last_var", "restarted_at"}
+BATCH_ONLY = {"test_momentum": 1.0, "shift_threshold": 0.0, "label_threshold": 0.0}  # round-2 statistics
 OPTIONS = {
+    **BATCH_ONLY,
     "neighbours": 6,
     "prior_n": 4.0,
     "source_weight": 0.0,
@@ -32,7 +35,7 @@ def _bn(c: int = 3) -> torch.nn.BatchNorm2d:
 
 def test_source_weight_zero_without_correction_is_bn_adapt(source_model, noisy_stream):
     x = noisy_stream[0][:BS]
-    a = adapt(source_model, "auto", loss="none", source_weight=0.0, prior_correction=False)
+    a = adapt(source_model, "auto", loss="none", source_weight=0.0, prior_correction=False, **BATCH_ONLY)
     torch.testing.assert_close(a(x), adapt(source_model, "bn")(x), rtol=1e-4, atol=1e-4)
 
 
@@ -144,7 +147,11 @@ def test_one_update_trains_affines_ensembles_and_keeps_one_backward(source_model
     for p, s, src in zip(a.params, stepped[0], source, strict=True):
         torch.testing.assert_close(p.detach(), 0.9 * s + 0.1 * src, rtol=1e-6, atol=1e-7)
     changed = changed_keys(s0, snapshot(a)) - BOOKKEEPING
-    assert changed - bn_affine_keys(a.model) == {"class_probs_ema"}
+    statistics = {
+        k for k in changed if k.startswith("shift_detector.") or k.rsplit(".", 1)[-1] in STAT_BUFFERS
+    }
+    assert statistics, "the running test statistics and the detector move with every batch"
+    assert changed - bn_affine_keys(a.model) - statistics == {"class_probs_ema"}
     c = a.counters()
     assert c["forward_images"] == BS and c["backward_images"] == BS  # at most one backward per batch
 
@@ -154,8 +161,13 @@ def test_norm_only_and_prior_correction_switches(source_model, noisy_stream):
     frozen = adapt(source_model, "auto", loss="none", prior_correction=False)
     s0 = snapshot(frozen)
     out = frozen(x)
-    changed = {k for k in changed_keys(s0, snapshot(frozen)) - BOOKKEEPING if not k.startswith("guard.")}
-    assert not changed and frozen.counters()["backward_images"] == 0  # only the collapse guard's records
+    changed = {
+        k
+        for k in changed_keys(s0, snapshot(frozen)) - BOOKKEEPING
+        if not k.startswith(("guard.", "shift_detector.")) and k.rsplit(".", 1)[-1] not in STAT_BUFFERS
+    }
+    # only the collapse guard's records and the normalisation statistics move: no parameter
+    assert not changed and frozen.counters()["backward_images"] == 0
     corrected = adapt(source_model, "auto", loss="none", prior_correction=True)
     torch.testing.assert_close(corrected(x), prior_correction(out), rtol=1e-5, atol=1e-5)
 
@@ -262,7 +274,7 @@ def test_running_test_statistics_average_batches_and_anchor_to_source():
 
 def test_running_test_statistics_train_through_the_batch_and_reset(source_model, noisy_stream):
     x = noisy_stream[0]
-    a = adapt(source_model, "auto", test_momentum=0.1)
+    a = adapt(source_model, "auto", test_momentum=0.1, shift_threshold=0.0, label_threshold=0.0)
     h0 = state_hash(a)
     first = a(x[:BS])
     a(x[BS : 2 * BS])
@@ -274,3 +286,152 @@ def test_running_test_statistics_train_through_the_batch_and_reset(source_model,
     for bad in ({"test_momentum": 0.0}, {"test_momentum": 1.5}, {"test_momentum": 0.5, "neighbours": 4}):
         with pytest.raises(ConfigError, match="test_momentum"):
             adapt(source_model, "auto", **bad)
+
+
+# ---- shift-aware running statistics (components.shift) ----
+
+SHIFT = {"test_momentum": 0.05, "shift_threshold": 0.1, "label_threshold": 0.0, "source_weight": 2 / 3}
+
+
+def _three_layers(threshold: float = 0.5, label_threshold: float = 0.5):
+    from testtime.adapt.components.shift import attach_shift_detector
+
+    layers = [NeighbourStatsNorm(_bn(), source_weight=0.5, test_momentum=0.1) for _ in range(3)]
+    det = attach_shift_detector(torch.nn.Sequential(*layers), threshold, label_threshold)
+    return layers, det
+
+
+def _moments(x):
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def test_symmetric_kl_is_zero_for_equal_and_grows_with_distance():
+    from testtime.adapt.components.shift import symmetric_kl
+
+    m, v = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0])
+    assert float(symmetric_kl(m, v, m, v, 0.0)) == 0.0
+    near = float(symmetric_kl(m + 0.1, v, m, v, 0.0))
+    far = float(symmetric_kl(m + 1.0, v * 3, m, v, 0.0))
+    assert 0 < near < far
+    # one channel, unit variances, means 1 apart: KL = 1/2 each way, so the symmetric mean is 1/2
+    assert float(
+        symmetric_kl(torch.ones(1), torch.ones(1), torch.zeros(1), torch.ones(1), 0.0)
+    ) == pytest.approx(0.5)
+
+
+def test_detector_decides_domain_change_label_shift_or_neither_from_its_layer_groups():
+    from testtime.adapt.components.shift import ShiftDetector
+
+    det = ShiftDetector(threshold=0.1, label_threshold=0.04, n_layers=6)  # 0.01 per batch of 4
+    assert det.n_group == 2  # first two layers: domain; last two: labels; the middle two: neither
+    same = (torch.zeros(4), torch.ones(4))
+    far = (torch.full((4,), 3.0), torch.ones(4))
+
+    def batch(shallow, middle, deep):
+        det.begin_batch(4)
+        for i, (mean_b, var_b) in enumerate([shallow] * 2 + [middle] * 2 + [deep] * 2):
+            det.report(i, mean_b, var_b, *same, 0.0)
+
+    batch(far, same, same)  # the stream's first batch, far from the source: a new domain
+    assert not bool(det.slow) and int(det.shifts) == 1 and int(det.reset_to) == 1
+    batch(same, far, same)  # only the middle layers moved: nothing
+    assert not bool(det.slow) and int(det.shifts) == 1 and int(det.reset_to) == 1
+    batch(same, same, far)  # the deep layers alone: label shift, the next batch runs slow
+    assert bool(det.slow) and int(det.label_batches) == 1 and int(det.shifts) == 1
+    assert det.last_scores[1] > det.label_threshold / 4
+    batch(far, same, far)  # a new domain while label-shifted: no restart, still slow
+    assert bool(det.slow) and int(det.shifts) == 1 and int(det.reset_to) == 1
+    batch(same, same, same)  # back to normal: batch statistics
+    assert not bool(det.slow)
+    batch(far, same, far)  # the shallow layers moved: a new domain, restart, batch statistics
+    assert not bool(det.slow) and int(det.shifts) == 2 and int(det.reset_to) == 6
+    assert det.restart_due(0) is False, "a restart applies from the next batch"
+    det.begin_batch(4)
+    assert det.restart_due(0) and det.restart_due(5) and not det.restart_due(6)
+    # the same deep divergence is label shift for a large batch, sampling noise for a small one
+    det.slow.fill_(False)
+    deep_only = (torch.full((4,), 0.2), torch.ones(4))  # symmetric KL 0.02 against `same`
+    for n, expect in ((400, True), (1, False)):
+        det.begin_batch(n)
+        for i, (mean_b, var_b) in enumerate([same] * 4 + [deep_only] * 2):
+            det.report(i, mean_b, var_b, *same, 0.0)
+        assert bool(det.slow) is expect, n
+    for bad in ((-1.0, 0.1), (0.1, float("nan"))):
+        with pytest.raises(ModelError, match="threshold"):
+            ShiftDetector(*bad, n_layers=3)
+    with pytest.raises(ModelError, match="layer"):
+        ShiftDetector(0.1, 0.1, n_layers=0)
+
+
+def test_fast_batches_equal_the_fixed_blend_and_a_new_domain_restarts_every_layer():
+    layers, det = _three_layers(label_threshold=0.0)  # never label-shifted: always fast
+    assert det.n_group == 1
+    plain = [NeighbourStatsNorm(_bn(), source_weight=0.5) for _ in range(3)]
+    g = torch.Generator().manual_seed(0)
+
+    def run(mods, x):
+        for layer in mods:
+            x = layer(x)
+        return x
+
+    x = torch.randn(16, 3, 4, 4, generator=g)
+    # not slow: exactly the fixed source blend of the batch (round-2 normalisation)
+    torch.testing.assert_close(run(layers, x), run(plain, x), rtol=1e-5, atol=1e-5)
+    # the running statistics still move at the slow momentum from the source's
+    torch.testing.assert_close(layers[0].test_mean, layers[0].running_mean.lerp(_moments(x)[0], 0.1))
+    shifted = torch.randn(16, 3, 4, 4, generator=g) * 4 + 5  # a new "domain"
+    before = int(det.shifts)
+    run(layers, shifted)
+    assert int(det.shifts) == before + 1 and int(det.reset_to) == 2 and not bool(det.slow)
+    after = torch.randn(16, 3, 4, 4, generator=g) * 4 + 5
+    run(layers, after)
+    # every layer restarted from its moments of the triggering batch, then moved towards the next
+    assert [int(layer.restarted_at) for layer in layers] == [2, 2, 2]
+    torch.testing.assert_close(layers[0].test_mean, _moments(shifted)[0].lerp(_moments(after)[0], 0.1))
+
+
+def test_slow_batches_normalise_with_the_running_statistics():
+    layers, det = _three_layers()
+    det.slow.fill_(True)
+    layer = layers[0]
+    x = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(2)) + 2
+    reference = NeighbourStatsNorm(_bn(), source_weight=0.5, test_momentum=0.1)  # no detector: always running
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-6, atol=1e-6)
+
+
+def test_shift_detection_needs_running_statistics_and_refuses_bad_values(source_model):
+    from testtime.adapt.components.shift import ShiftDetector
+
+    assert adapt(source_model, "auto", **BATCH_ONLY).shift_detector is None
+    assert adapt(source_model, "auto").shift_detector is not None  # on by default
+    for key in ("shift_threshold", "label_threshold"):
+        with pytest.raises(ConfigError, match=key):
+            adapt(source_model, "auto", **{**BATCH_ONLY, key: 0.1})  # test_momentum 1: nothing to switch to
+        for bad in (-0.1, float("nan"), float("inf")):
+            with pytest.raises(ConfigError, match=key):
+                adapt(source_model, "auto", test_momentum=0.1, **{key: bad})
+    with pytest.raises(ModelError, match="test_momentum"):
+        NeighbourStatsNorm(_bn()).attach_detector(ShiftDetector(0.1, 0.1, 1), 0)
+
+
+def test_shift_aware_auto_resets_saves_and_counts(source_model, noisy_stream, tmp_path):
+    x = noisy_stream[0]
+    a = adapt(source_model, "auto", **SHIFT)
+    det = a.shift_detector
+    assert det is not None and det.n_group >= 1
+    h0 = state_hash(a)
+    first = a(x[:BS])
+    a(x[BS : 2 * BS])
+    a(x[2 * BS : 3 * BS] * 0.1)  # a dark batch: a change of domain
+    assert a.counters()["shifts"] >= 1 and int(det.batch) == 3
+    a.save_state(tmp_path / "auto.pt")
+    b = adapt(source_model, "auto", **SHIFT)
+    b.load_state(tmp_path / "auto.pt")
+    assert state_hash(b) == state_hash(a)
+    torch.testing.assert_close(b(x[3 * BS : 4 * BS]), a(x[3 * BS : 4 * BS]), rtol=0, atol=0)
+    a.reset()
+    assert state_hash(a) == h0 and int(a.shift_detector.batch) == 0
+    torch.testing.assert_close(a(x[:BS]), first, rtol=0, atol=0)
+    one = a(x[:1])  # a batch of one still predicts (instance statistics blended with the source)
+    assert one.shape == (1, first.shape[1]) and torch.isfinite(one).all()

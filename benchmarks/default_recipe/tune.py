@@ -86,7 +86,8 @@ CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
     ),
     "auto:sw0.667": ("auto", {"source_weight": "0.6667"}),
     "auto:sw0.333_prior_correction": ("auto", {"source_weight": "0.3333", "prior_correction": "True"}),
-    # the recipe as shipped: the library's defaults, nothing passed (None)
+    # the recipe as shipped: the library's defaults, nothing passed (None). Its cells ran with the
+    # round-2 defaults; since round 3 the defaults are `detect6_m0.05`'s (re-running would show those)
     "auto:defaults": ("auto", None),
     # round 3, after the first full-length test cells (see README "Round 3"): running test statistics
     "auto:tm0.1": ("auto", {"source_weight": "0.6667", "prior_correction": "True", "test_momentum": "0.1"}),
@@ -105,6 +106,126 @@ CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
     "auto:tm0.1_no_loss": (
         "auto",
         {"loss": "none", "source_weight": "0.6667", "prior_correction": "True", "test_momentum": "0.1"},
+    ),
+    # round 3, shift-aware running statistics (components.shift): a slow average restarted at each
+    # detected domain change; guard off as in the rows above (its misfires are a separate question)
+    **{
+        f"auto:shift_m{m}_t{t}": (
+            "auto",
+            {
+                "source_weight": "0.6667",
+                "prior_correction": "True",
+                "test_momentum": m,
+                "shift_threshold": t,
+                "guard": "false",
+            },
+        )
+        for m, t in (("0.05", "0.1"), ("0.02", "0.1"), ("0.05", "0.05"), ("0.02", "0.05"))
+    },
+    # ... plus a label switch from the predictions' class diversity of the last batch (option
+    # `label_diversity`, removed after these rows: under label correlation the batch-normalised
+    # predictions stay diverse, so the switch never chose the running statistics; not re-runnable)
+    **{
+        f"auto:shift_m{m}_t{t}_d{d}": (
+            "auto",
+            {
+                "source_weight": "0.6667",
+                "prior_correction": "True",
+                "test_momentum": m,
+                "shift_threshold": t,
+                "label_diversity": d,
+                "guard": "false",
+            },
+        )
+        for m, t, d in (("0.05", "0.1", "0.5"), ("0.05", "0", "0.5"))
+    },
+    # the detector as shipped in components.shift: shallow layers detect domain changes (restart,
+    # batch statistics), deep layers label shift (running statistics), else batch statistics
+    **{
+        f"auto:detect_m{m}_t{t}_l{lt}": (
+            "auto",
+            {
+                "source_weight": "0.6667",
+                "prior_correction": "True",
+                "test_momentum": m,
+                "shift_threshold": t,
+                "label_threshold": lt,
+                "guard": "false",
+            },
+        )
+        for m, t, lt in (("0.05", "0.1", "0.005"), ("0.02", "0.1", "0.005"))
+    },
+    # (the `detect_` rows above ran with restarts also while label-shifted: a restart from one batch
+    # of few classes cost more than the lag, see README; these restart only while not label-shifted)
+    **{
+        f"auto:detect2_m{m}_t{t}_l{lt}": (
+            "auto",
+            {
+                "source_weight": "0.6667",
+                "prior_correction": "True",
+                "test_momentum": m,
+                "shift_threshold": t,
+                "label_threshold": lt,
+                "guard": "false",
+            },
+        )
+        for m, t, lt in (("0.05", "0.1", "0.005"), ("0.02", "0.1", "0.005"))
+    },
+    # detect3: the stream's first batch restarts too, the label threshold is per sample (divided by
+    # the batch size: 1.0 = the 0.005 above at batch 200), and the collapse guard is on (as shipped)
+    **{
+        f"auto:detect3_m{m}": (
+            "auto",
+            {
+                "source_weight": "0.6667",
+                "prior_correction": "True",
+                "test_momentum": m,
+                "shift_threshold": "0.1",
+                "label_threshold": "1.0",
+            },
+        )
+        for m in ("0.05", "0.02")
+    },
+    # detect4: shift threshold 0.03, from the shallow scores of a detect2 run on continual_full
+    # (validation): in-domain batches at most 0.011, the four domain starts 0.034-0.25 (0.1 missed
+    # two of them: the stream's start, 0.034, and spatter -> saturate, 0.053)
+    **{
+        f"auto:detect4_m{m}": (
+            "auto",
+            {
+                "source_weight": "0.6667",
+                "prior_correction": "True",
+                "test_momentum": m,
+                "shift_threshold": "0.03",
+                "label_threshold": "1.0",
+            },
+        )
+        for m in ("0.05", "0.02")
+    },
+    # detect5: as detect4 without forcing a restart at the stream's first batch (detect3/4 did; it
+    # cost mixed_correlated: 31.88 vs detect2's 29.36)
+    "auto:detect5_m0.05": (
+        "auto",
+        {
+            "source_weight": "0.6667",
+            "prior_correction": "True",
+            "test_momentum": "0.05",
+            "shift_threshold": "0.03",
+            "label_threshold": "1.0",
+        },
+    ),
+    # detect6: detect5 with the shift threshold back at 0.1 (0.03 restarted mixed_correlated streams
+    # from batches of few classes: 31.88 vs 29.36 at 0.1); i.e. detect2 with the per-sample label
+    # threshold (detect2's fixed 0.005 made batch-16 streams run slow: 22.75) and the guard on
+    "auto:detect6_m0.05": (
+        "auto",
+        {
+            "source_weight": "0.6667",
+            "prior_correction": "True",
+            "test_momentum": "0.05",
+            "shift_threshold": "0.1",
+            "label_threshold": "1.0",
+        },
     ),
     # ablation, run after the defaults were fixed (a report, not a choice): the recipe minus one part
     "ablate:no_source_blend": ("auto", {"prior_correction": "True"}),
@@ -138,6 +259,9 @@ REFERENCE = {
     "prior_correction": "False",
     "optimizer": "adam",
     "lr": "0.001",
+    "test_momentum": "1",  # added in round 3 (the values every earlier row ran with)
+    "shift_threshold": "0",
+    "label_threshold": "0",
 }
 
 

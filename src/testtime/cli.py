@@ -115,6 +115,13 @@ def _split(values: list[str] | None) -> list[str]:
     return [v for item in values or [] for v in item.split(",") if v]
 
 
+def _method_names(values: list[str] | None) -> list[str]:
+    """Comma-separated method names, `default` resolved to the recipe it means (results record it)."""
+    from testtime.adapt.registry import resolve_method
+
+    return [resolve_method(v) for v in _split(values)]
+
+
 def _seeds(values: list[str] | None) -> list[int]:
     from testtime.errors import ConfigError
 
@@ -135,7 +142,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         k: getattr(args, k) for k in ("delta", "rounds", "imbalance_ratio", "unknown", "unknown_ratio")
     }
     cfg = RunConfig(
-        methods=_split(args.method) or ["source", "bn", "tent"],
+        methods=_method_names(args.method) or ["source", "bn", "tent"],
         dataset=args.dataset,
         scenario=args.scenario,
         scenario_options={k: str(v) for k, v in scen_opts.items() if v is not None},
@@ -309,7 +316,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     sargs = SuiteArgs(
         seeds=_seeds(args.seed),
         data=args.data,
-        methods=_split(args.method) or None,
+        methods=_method_names(args.method) or None,
         n_per_domain=args.n_per_domain,
     )
     if args.backend == "local":  # Ray workers choose theirs where they run
@@ -355,6 +362,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
 
     from testtime.adapt import adapt, get_method
     from testtime.adapt.config import parse_overrides
+    from testtime.adapt.registry import resolve_method
     from testtime.device import select_device
     from testtime.errors import ConfigError
     from testtime.serve import (  # ConfigError naming testtime[serve] when FastAPI is missing
@@ -364,6 +372,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
         run_server,
     )
 
+    args.method = resolve_method(args.method)
     overrides = parse_overrides(args.option)
     if getattr(get_method(args.method), "requires_source_data", False):
         raise ConfigError(
@@ -412,7 +421,10 @@ def _ms(v: float | None) -> str:
 
 def cmd_serve_check(args: argparse.Namespace, console: Console) -> int:
     from testtime.adapt.config import parse_overrides
+    from testtime.adapt.registry import resolve_method
     from testtime.serve_check import CheckConfig, run_check  # ConfigError without testtime[serve]
+
+    args.method = resolve_method(args.method)
 
     cfg = CheckConfig(
         method=args.method,
@@ -450,7 +462,12 @@ def cmd_serve_check(args: argparse.Namespace, console: Console) -> int:
 
 
 def _add_served_model(p: argparse.ArgumentParser, paths: bool = True) -> None:
-    p.add_argument("--method", "-m", default="tent", help="method name (see `testtime methods`)")
+    p.add_argument(
+        "--method",
+        "-m",
+        default="tent",
+        help="method name (see `testtime methods`; `default`: testtime's own recipe)",
+    )
     p.add_argument(
         "--model",
         help="model name (see `testtime models`: shipped, robustbench:..., torchvision:..., timm:...; "
@@ -489,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-m",
         action="append",
         help="method name(s), comma-separated or repeated; 'all' "
-        "for every registered method (default: source,bn,tent)",
+        "for every registered method; 'default' for testtime's own recipe (auto) (default: source,bn,tent)",
     )
     r.add_argument(
         "--dataset",

@@ -12,6 +12,9 @@ from testtime.adapt.config import with_overrides
 from testtime.errors import ConfigError
 
 METHODS: dict[str, type[AdaptedModel]] = {}
+# what `adapt(model)` and `-m default` run: testtime's own recipe (see adapt/methods/auto.py and
+# benchmarks/default_vs_zoo/); results files record the resolved name
+DEFAULT_METHOD = "auto"
 A = TypeVar("A", bound=type[AdaptedModel])
 
 
@@ -32,22 +35,31 @@ def list_methods() -> list[str]:
     return sorted(METHODS, key=lambda n: (rank.get(n, len(rank)), n))
 
 
+def resolve_method(name: str) -> str:
+    """`"default"` means DEFAULT_METHOD; every other name is itself."""
+    return DEFAULT_METHOD if name == "default" else name
+
+
 def get_method(name: str) -> type[AdaptedModel]:
     _load_builtin()
+    name = resolve_method(name)
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(list_methods())}")
+        raise ConfigError(
+            f"unknown method {name!r}; known: default ({DEFAULT_METHOD}), {', '.join(list_methods())}"
+        )
     return METHODS[name]
 
 
 def adapt(
     model: nn.Module,
-    method: str = "tent",
+    method: str = "default",
     *,
     inplace: bool = False,
     source_data: Any = None,
     **overrides: Any,
 ) -> AdaptedModel:
-    """Wrap `model` with a test-time method; keyword overrides replace the paper defaults.
+    """Wrap `model` with a test-time method (`"default"`: DEFAULT_METHOD, testtime's own recipe);
+    keyword overrides replace the paper defaults.
 
     The model is deep-copied unless `inplace=True`, so the caller's model is never modified.
     `source_data` — (images, labels) or an ImageSet of labelled source samples — is passed to

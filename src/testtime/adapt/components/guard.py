@@ -14,9 +14,12 @@ Detection is two-stage so that it costs nothing while the model is healthy:
 2. Confirmation (one extra forward pass of the frozen source model, only while an alarm is on),
    on the current batch: the adapted model's predictions are less than half as diverse as the
    source model's, or its most-predicted class k covers at least half of the batch while the
-   source model predicts k for less than half as many samples. Label-correlated streams (where a
-   batch truly is mostly one class) raise the alarm but are not confirmed as long as the source
-   model also sees few classes.
+   source model predicts k for less than half as many samples; but never when k is also the source
+   model's most-predicted class with at least a quarter of the batch. Label-correlated streams
+   (where a batch truly is mostly one class) raise the alarm but are not confirmed as long as the
+   source model also sees that class most (before this exception, an adapted model that got a
+   one-class run right was "less diverse" than the source model's errors and was restored: 18
+   times on a 40,000-image validation stream of `auto`).
 
 On confirmation the method is restored (to the source state, or to the older of the last two
 healthy snapshots with `guard_restore="last_good"`), the batch is answered with the source
@@ -92,10 +95,12 @@ class CollapseGuard(nn.Module):
         """Whether the batch looks collapsed against the reference (source) model's predictions."""
         pred, ref = logits.argmax(1), reference.argmax(1)
         n_classes = logits.shape[1]
-        if diversity(pred, n_classes) < 0.5 * diversity(ref, n_classes):
-            return True
         k = torch.bincount(pred).argmax()
         ours, theirs = float((pred == k).float().mean()), float((ref == k).float().mean())
+        if theirs >= 0.25 and int(torch.bincount(ref).argmax()) == int(k):
+            return False  # the source model sees the same dominant class: a label-skewed batch
+        if diversity(pred, n_classes) < 0.5 * diversity(ref, n_classes):
+            return True
         return ours >= 0.5 and theirs < 0.5 * ours
 
 

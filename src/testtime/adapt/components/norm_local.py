@@ -15,7 +15,10 @@ BN of NOTE, Gong et al., NeurIPS 2022). With `test_momentum < 1` the test statis
 current batch's but a running average over batches updated with it at that momentum (the
 exponential moving average of RoTTA's robust BN, Yuan et al. CVPR 2023, and DELTA's test-time
 batch renormalisation, Zhao et al. ICLR 2023), so a batch of few classes (label-correlated
-streams) or few samples moves the statistics less.
+streams) or few samples moves the statistics less. With a shift detector attached
+(`components.shift`, `attach_detector`), each batch is normalised with either the running or the
+batch statistics as the detector decides, and the running statistics restart from the batch that
+showed a change of domain.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from testtime.adapt.components.norm import AdaptiveNorm
 from testtime.adapt.components.norm_mixture import affine_normalize
+from testtime.adapt.components.shift import ShiftDetector
 from testtime.errors import DataError, ModelError
 
 
@@ -76,6 +80,20 @@ class NeighbourStatsNorm(AdaptiveNorm):
         if self.test_momentum < 1:  # running test statistics, starting at the source's
             self.register_buffer("test_mean", self.running_mean.detach().clone())
             self.register_buffer("test_var", self.running_var.detach().clone())
+        self._detector: ShiftDetector | None = None  # shared, not a submodule (see attach_detector)
+        self._detect_index = -1
+
+    def attach_detector(self, detector: ShiftDetector, index: int) -> None:
+        """Share `detector` (held by the method, so its buffers are saved once) as the `index`-th
+        layer in module order. Adds the buffers of a restart: the batch of the last restart and
+        the last batch's moments (what a restart starts from)."""
+        if self.test_momentum >= 1:
+            raise ModelError("shift detection needs running test statistics (test_momentum < 1)")
+        object.__setattr__(self, "_detector", detector)  # plain reference: no second registration
+        self._detect_index = int(index)
+        self.register_buffer("restarted_at", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_mean", self.running_mean.detach().clone())
+        self.register_buffer("last_var", self.running_var.detach().clone())
 
     def extra_repr(self) -> str:
         return (
@@ -141,14 +159,30 @@ class NeighbourStatsNorm(AdaptiveNorm):
         b = self.bias if self.bias is not None else torch.zeros_like(self.running_mean)
         mean_s, var_s = self.running_mean.float(), self.running_var.float()
         m = self.test_momentum
+        det = self._detector
+        slow = True  # without a detector, running statistics normalise every batch
+        if det is not None:
+            if self._detect_index == 0:
+                det.begin_batch(x.shape[0])
+            if det.restart_due(int(self.restarted_at)):  # a new domain showed in the last batch
+                self.test_mean.copy_(self.last_mean)
+                self.test_var.copy_(self.last_var)
+                self.restarted_at.copy_(det.reset_to)
+            slow = bool(det.slow)
         if m < 1:
-            # a * source + (1 - a) * (running test statistics updated with this batch at momentum m):
-            # the batch enters with weight (1 - a) m, the rest is a fixed anchor (no gradient)
-            anchor = 1 - (1 - a) * m
-            mean_s = (a * mean_s + (1 - a) * (1 - m) * self.test_mean.float()) / anchor
-            var_s = (a * var_s + (1 - a) * (1 - m) * self.test_var.float()) / anchor
+            anchor = a
+            if slow:
+                # a * source + (1 - a) * (running test statistics updated with this batch at momentum
+                # m): the batch enters with weight (1 - a) m, the rest is a fixed anchor (no gradient)
+                anchor = 1 - (1 - a) * m
+                mean_s = (a * mean_s + (1 - a) * (1 - m) * self.test_mean.float()) / anchor
+                var_s = (a * var_s + (1 - a) * (1 - m) * self.test_var.float()) / anchor
             y, mean_b, var_b = _BlendedBatchNorm.apply(x, w, b, mean_s, var_s, anchor, self.eps)
             with torch.no_grad():
+                if det is not None:
+                    det.report(self._detect_index, mean_b, var_b, self.test_mean, self.test_var, self.eps)
+                    self.last_mean.copy_(mean_b)
+                    self.last_var.copy_(var_b)
                 self.test_mean.lerp_(mean_b.to(self.test_mean.dtype), m)
                 self.test_var.lerp_(var_b.to(self.test_var.dtype), m)
             return y

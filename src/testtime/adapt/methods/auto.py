@@ -3,12 +3,17 @@
 Not a published method. Per batch: one forward pass (loss, weights and prediction) and one
 backward pass (about Tent's cost), made of
 
-1. **Source-anchored normalisation** (`components.norm_local.NeighbourStatsNorm`): every
-   BatchNorm layer normalises with `a * source + (1 - a) * batch` statistics, a fixed source
-   weight `a = 2/3` whatever the batch size (alpha-BN, You et al. 2021; the prior-BN of Schneider
-   et al., NeurIPS 2020, is offered as `prior_n`). It is what keeps mixed-domain and
-   label-correlated batches (whose statistics fit no single domain or class mix) from hurting,
-   and it also gained most on continual streams in validation.
+1. **Source-anchored, shift-aware normalisation** (`components.norm_local.NeighbourStatsNorm`
+   with `components.shift.ShiftDetector`): every BatchNorm layer normalises with
+   `a * source + (1 - a) * test` statistics, a fixed source weight `a = 2/3` whatever the batch
+   size (alpha-BN, You et al. 2021; the prior-BN of Schneider et al., NeurIPS 2020, is offered as
+   `prior_n`). The test statistics are the batch's, except while the stream looks label-shifted:
+   when the last third of the layers' statistics move away from their running average while
+   the first third's do not (a batch of few classes, not a new domain), the next batch uses the
+   running average instead (momentum 0.05: RoTTA's robust BN / DELTA's test-time batch
+   renormalisation), which one batch of few classes barely moves. A large move of the first
+   third (a new domain) restarts the average from that batch. Our own combination; see
+   `components/shift.py`.
 2. **Certainty/diversity-weighted soft-likelihood-ratio loss** on the BatchNorm affines, trained
    through the blended statistics (ROID, Marsden et al., WACV 2024), without ROID's augmented
    consistency view (a second forward and backward).
@@ -34,7 +39,9 @@ procedure and every configuration tried.
 | prior_n | 0 (off; exclusive with source_weight) | Schneider et al. 2020; lost at batch 16 in validation |
 | neighbours | 0 (whole batch) | validation: 16 and 48 much worse |
 | instance_alpha | 0 (off) | NOTE uses 4; validation: 4 and 8 worse |
-| test_momentum | 1 (the current batch; off) | round 3 (full-length validation streams), under way: a running average of the test statistics (RoTTA's robust BN, DELTA's TBR) against long single-class runs |
+| test_momentum | 0.05 | round 3 (full-length validation): the running average's momentum while label-shifted; 0.02 got stuck in the slow mode on continual (24.06) |
+| shift_threshold | 0.1 | round 3: shallow-layer divergence that restarts the average (a new domain); 0.03 also restarted mixed_correlated streams from batches of few classes (31.88 vs 29.36) |
+| label_threshold | 1.0 (per sample: 0.005 at batch 200) | round 3: deep-layer divergence of a label-shifted batch, from the source model's statistics on the validation streams (95% of i.i.d. batches below 0.0017, 95% of correlated ones above 0.0058: `benchmarks/default_recipe/shift_stats.py`); per sample, so small batches need more evidence (a fixed 0.005 made batch-16 streams run slow: 22.75 vs 18.40) |
 | loss | slr | ROID; validation: entropy equal within noise, none 0.3 worse on 40-batch streams |
 | use_weighting | True | ROID; validation: off equal within noise |
 | temperature, momentum_probs | 1/3, 0.9 | ROID official `conf.py` |
@@ -45,11 +52,13 @@ procedure and every configuration tried.
 
 Deviations (from ROID, the closest published recipe):
 - No consistency loss on an augmented view (saves a forward and a backward of the kept samples).
-- Normalisation blends source and batch statistics (ROID: batch statistics only); with
-  `source_weight=0, prior_n=0, neighbours=0` it is exactly ROID's (and BN-adapt's).
+- Normalisation blends source and test statistics (ROID: batch statistics only); with
+  `source_weight=0, test_momentum=1, shift_threshold=0, label_threshold=0` it is exactly ROID's
+  (and BN-adapt's).
 - Weight ensembling follows each update (ROID: each step, also when no update was made).
 - Batch of one: as in our ROID, no gradient step (the min-max normalised weights are undefined);
-  the image is normalised with 2/3 source and 1/3 its own instance statistics.
+  the image is normalised with 2/3 source and 1/3 its own instance statistics (or the running
+  average, when the detector finds the stream label-shifted).
 """
 
 from __future__ import annotations
@@ -72,6 +81,7 @@ from testtime.adapt.components.norm_local import NeighbourStatsNorm
 from testtime.adapt.components.norm_types import NormSupport
 from testtime.adapt.components.passes import Passes
 from testtime.adapt.components.recipe import GradientMethod
+from testtime.adapt.components.shift import attach_shift_detector
 from testtime.adapt.config import OptimConfig
 from testtime.adapt.registry import register_method
 
@@ -84,7 +94,9 @@ class AutoConfig(OptimConfig):
     prior_n: float = 0.0
     source_weight: float = 2 / 3
     instance_alpha: float = 0.0
-    test_momentum: float = 1.0
+    test_momentum: float = 0.05
+    shift_threshold: float = 0.1
+    label_threshold: float = 1.0
     loss: str = "slr"
     use_weighting: bool = True
     temperature: float = 1 / 3
@@ -117,6 +129,26 @@ class AutoConfig(OptimConfig):
                 self.test_momentum == 1 or (self.neighbours == 0 and self.instance_alpha == 0),
                 "< 1 needs whole-batch statistics (neighbours=0, instance_alpha=0)",
             ),
+            (
+                "shift_threshold",
+                math.isfinite(self.shift_threshold) and self.shift_threshold >= 0,
+                "must be a finite number >= 0 (0: off)",
+            ),
+            (
+                "shift_threshold",
+                self.shift_threshold == 0 or self.test_momentum < 1,
+                "> 0 needs running test statistics (test_momentum < 1)",
+            ),
+            (
+                "label_threshold",
+                math.isfinite(self.label_threshold) and self.label_threshold >= 0,
+                "must be a finite number >= 0 (0: off)",
+            ),
+            (
+                "label_threshold",
+                self.label_threshold == 0 or self.test_momentum < 1,
+                "> 0 needs running test statistics (test_momentum < 1)",
+            ),
             ("loss", self.loss in ("slr", "entropy", "none"), "must be slr, entropy or none"),
             ("e_margin", math.isfinite(self.e_margin) and self.e_margin >= 0, "must be >= 0 (0: off)"),
             *roid_checks(self),
@@ -133,7 +165,8 @@ class Auto(GradientMethod):
     norm_policy = NeighbourStatsNorm
     norm_support = NormSupport(
         params="norm",
-        bn_stats="source_weight (2/3) source + 1/3 test-batch statistics",
+        bn_stats="source_weight (2/3) source + 1/3 test statistics: the batch's, or a running average "
+        "(momentum 0.05) while the stream looks label-shifted",
         source="as ROID (mariodoebler/test-time-adaptation `configure_model`): BN, GN and LN affine "
         "parameters train; GN/LN keep their per-sample statistics",
     )
@@ -152,6 +185,12 @@ class Auto(GradientMethod):
     def setup(self) -> None:
         _, fc = find_classifier(self.model)
         super().setup()
+        c = self.config
+        self.shift_detector = (
+            attach_shift_detector(self.model, c.shift_threshold, c.label_threshold)
+            if c.shift_threshold > 0 or c.label_threshold > 0
+            else None
+        )
         self.source_weights = SourceWeights(self.params)
         self.register_buffer("class_probs_ema", torch.full((fc.out_features,), 1.0 / fc.out_features))
 
@@ -183,6 +222,11 @@ class Auto(GradientMethod):
             self.backward_and_step((per_sample * weights)[keep].sum() / n, n)
             self.source_weights.ensemble_(self.params, cfg.momentum_src)
         return prior_correction(logits) if cfg.prior_correction else logits
+
+    def counters(self) -> dict[str, int]:
+        d = self.shift_detector
+        extra = {} if d is None else {"shifts": int(d.shifts), "label_shift_batches": int(d.label_batches)}
+        return {**super().counters(), **extra}
 
     def minimal_passes(self) -> Passes:
         s = self.config.steps
