@@ -73,8 +73,8 @@ class ShiftDetector(nn.Module):
         self.register_buffer("shifts", torch.zeros((), dtype=torch.long))
         self.register_buffer("label_batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("reports", torch.zeros((), dtype=torch.long))
-        self.register_buffer("scores", torch.zeros(2, dtype=torch.float64))
-        self.register_buffer("last_scores", torch.full((2,), float("nan"), dtype=torch.float64))
+        self.register_buffer("scores", torch.zeros(2))
+        self.register_buffer("last_scores", torch.full((2,), float("nan")))
 
     def extra_repr(self) -> str:
         return (
@@ -106,9 +106,9 @@ class ShiftDetector(nn.Module):
         """Layer `index` (module order) reports its batch moments against its running statistics;
         after the last layer the next batch's normalisation is decided."""
         if index < self.n_group:
-            self.scores[0] += symmetric_kl(mean_b, var_b, mean, var, eps).double() / self.n_group
+            self.scores[0] += symmetric_kl(mean_b, var_b, mean, var, eps) / self.n_group
         if index >= self.n_layers - self.n_group:
-            self.scores[1] += symmetric_kl(mean_b, var_b, mean, var, eps).double() / self.n_group
+            self.scores[1] += symmetric_kl(mean_b, var_b, mean, var, eps) / self.n_group
         self.reports += 1
         if int(self.reports) == self.n_layers:
             self.last_scores.copy_(self.scores)
