@@ -202,8 +202,8 @@ CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
         )
         for m in ("0.05", "0.02")
     },
-    # detect5: as detect4 without forcing a restart at the stream's first batch (detect3/4 did; it
-    # cost mixed_correlated: 31.88 vs detect2's 29.36)
+    # detect5: as detect4 without forcing a restart at the stream's first batch (detect3/4 did), to
+    # see whether that restart cost detect4's mixed_correlated (31.88 vs detect2's 29.36)
     "auto:detect5_m0.05": (
         "auto",
         {

@@ -19,16 +19,14 @@ layers of a group. After each batch the detector decides for the next one: a cha
 showed it and normalises with batch statistics; otherwise a deep score above `label_threshold / n`
 (n: the batch size; sampling noise alone makes a batch diverge by about 1/n, so the evidence asked
 for grows as batches shrink) normalises with the running statistics (slow), and anything else
-with the batch's. While the
-stream is label-shifted (slow), a change of domain restarts nothing: a restart would start from
-one batch of few classes, and in validation that bias cost more than the running average's lag.
-The running statistics are updated with every batch at the layer's slow momentum. A detection
-costs a few reductions over channels per layer.
+with the batch's. While the stream is label-shifted (slow), a change of domain restarts nothing:
+a restart would start from one batch of few classes, and in validation that bias cost more than
+the running average's lag. The running statistics are updated with every batch at the layer's
+slow momentum. A detection costs a few reductions over channels per layer.
 
 The running statistics start from the source's; the first batch restarts them only if it is far
-enough from them (forcing a restart there was tried: it starts label-correlated streams from one
-batch of few classes, and lost in validation). Decisions come one batch late (the batch that shows a shift is still normalised the old way): the
-deep layers' evidence exists only at the end of the forward pass.
+enough from them. Decisions come one batch late (the batch that shows a shift is still normalised
+the old way): the deep layers' evidence exists only at the end of the forward pass.
 
 Our own design, not a published method; the thresholds and the slow momentum were chosen on the
 validation corruptions only (`benchmarks/default_recipe/`).
