@@ -44,6 +44,12 @@ SCENARIOS = {  # name -> (scenario, options, batch size, images per corruption o
     "mixed_correlated_full": ("mixed_correlated", (("delta", "0.1"),), 200, None),
 }
 
+
+def _round3(**overrides: str) -> tuple[str, dict[str, str]]:
+    """A round-3 `auto` row: the round-2 choices (2/3 source weight, prior correction) plus `overrides`."""
+    return "auto", {"source_weight": "0.6667", "prior_correction": "True", **overrides}
+
+
 # label -> (method, overrides). Baselines first, then the recipe's candidates (an ablation around
 # the current default rather than a grid). Appended to, never edited, as tuning proceeds.
 CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
@@ -110,123 +116,54 @@ CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
     # round 3, shift-aware running statistics (components.shift): a slow average restarted at each
     # detected domain change; guard off as in the rows above (its misfires are a separate question)
     **{
-        f"auto:shift_m{m}_t{t}": (
-            "auto",
-            {
-                "source_weight": "0.6667",
-                "prior_correction": "True",
-                "test_momentum": m,
-                "shift_threshold": t,
-                "guard": "false",
-            },
-        )
+        f"auto:shift_m{m}_t{t}": _round3(test_momentum=m, shift_threshold=t, guard="false")
         for m, t in (("0.05", "0.1"), ("0.02", "0.1"), ("0.05", "0.05"), ("0.02", "0.05"))
     },
     # ... plus a label switch from the predictions' class diversity of the last batch (option
     # `label_diversity`, removed after these rows: under label correlation the batch-normalised
     # predictions stay diverse, so the switch never chose the running statistics; not re-runnable)
     **{
-        f"auto:shift_m{m}_t{t}_d{d}": (
-            "auto",
-            {
-                "source_weight": "0.6667",
-                "prior_correction": "True",
-                "test_momentum": m,
-                "shift_threshold": t,
-                "label_diversity": d,
-                "guard": "false",
-            },
+        f"auto:shift_m{m}_t{t}_d{d}": _round3(
+            test_momentum=m, shift_threshold=t, label_diversity=d, guard="false"
         )
         for m, t, d in (("0.05", "0.1", "0.5"), ("0.05", "0", "0.5"))
     },
-    # the detector as shipped in components.shift: shallow layers detect domain changes (restart,
+    # v2, the depth-split detector of components.shift: shallow layers detect domain changes (restart,
     # batch statistics), deep layers label shift (running statistics), else batch statistics
     **{
-        f"auto:detect_m{m}_t{t}_l{lt}": (
-            "auto",
-            {
-                "source_weight": "0.6667",
-                "prior_correction": "True",
-                "test_momentum": m,
-                "shift_threshold": t,
-                "label_threshold": lt,
-                "guard": "false",
-            },
+        f"auto:detect_m{m}_t{t}_l{lt}": _round3(
+            test_momentum=m, shift_threshold=t, label_threshold=lt, guard="false"
         )
         for m, t, lt in (("0.05", "0.1", "0.005"), ("0.02", "0.1", "0.005"))
     },
     # (the `detect_` rows above ran with restarts also while label-shifted: a restart from one batch
     # of few classes cost more than the lag, see README; these restart only while not label-shifted)
     **{
-        f"auto:detect2_m{m}_t{t}_l{lt}": (
-            "auto",
-            {
-                "source_weight": "0.6667",
-                "prior_correction": "True",
-                "test_momentum": m,
-                "shift_threshold": t,
-                "label_threshold": lt,
-                "guard": "false",
-            },
+        f"auto:detect2_m{m}_t{t}_l{lt}": _round3(
+            test_momentum=m, shift_threshold=t, label_threshold=lt, guard="false"
         )
         for m, t, lt in (("0.05", "0.1", "0.005"), ("0.02", "0.1", "0.005"))
     },
     # detect3: the stream's first batch restarts too, the label threshold is per sample (divided by
     # the batch size: 1.0 = the 0.005 above at batch 200), and the collapse guard is on (as shipped)
     **{
-        f"auto:detect3_m{m}": (
-            "auto",
-            {
-                "source_weight": "0.6667",
-                "prior_correction": "True",
-                "test_momentum": m,
-                "shift_threshold": "0.1",
-                "label_threshold": "1.0",
-            },
-        )
+        f"auto:detect3_m{m}": _round3(test_momentum=m, shift_threshold="0.1", label_threshold="1.0")
         for m in ("0.05", "0.02")
     },
     # detect4: shift threshold 0.03, from the shallow scores of a detect2 run on continual_full
     # (validation): in-domain batches at most 0.011, the four domain starts 0.034-0.25 (0.1 missed
     # two of them: the stream's start, 0.034, and spatter -> saturate, 0.053)
     **{
-        f"auto:detect4_m{m}": (
-            "auto",
-            {
-                "source_weight": "0.6667",
-                "prior_correction": "True",
-                "test_momentum": m,
-                "shift_threshold": "0.03",
-                "label_threshold": "1.0",
-            },
-        )
+        f"auto:detect4_m{m}": _round3(test_momentum=m, shift_threshold="0.03", label_threshold="1.0")
         for m in ("0.05", "0.02")
     },
     # detect5: as detect4 without forcing a restart at the stream's first batch (detect3/4 did), to
     # see whether that restart cost detect4's mixed_correlated (31.88 vs detect2's 29.36)
-    "auto:detect5_m0.05": (
-        "auto",
-        {
-            "source_weight": "0.6667",
-            "prior_correction": "True",
-            "test_momentum": "0.05",
-            "shift_threshold": "0.03",
-            "label_threshold": "1.0",
-        },
-    ),
+    "auto:detect5_m0.05": _round3(test_momentum="0.05", shift_threshold="0.03", label_threshold="1.0"),
     # detect6: detect5 with the shift threshold back at 0.1 (0.03 restarted mixed_correlated streams
     # from batches of few classes: 31.88 vs 29.36 at 0.1); i.e. detect2 with the per-sample label
     # threshold (detect2's fixed 0.005 made batch-16 streams run slow: 22.75) and the guard on
-    "auto:detect6_m0.05": (
-        "auto",
-        {
-            "source_weight": "0.6667",
-            "prior_correction": "True",
-            "test_momentum": "0.05",
-            "shift_threshold": "0.1",
-            "label_threshold": "1.0",
-        },
-    ),
+    "auto:detect6_m0.05": _round3(test_momentum="0.05", shift_threshold="0.1", label_threshold="1.0"),
     # ablation, run after the defaults were fixed (a report, not a choice): the recipe minus one part
     "ablate:no_source_blend": ("auto", {"prior_correction": "True"}),
     "ablate:no_loss": ("auto", {"loss": "none", "source_weight": "0.6667", "prior_correction": "True"}),

@@ -103,10 +103,11 @@ class ShiftDetector(nn.Module):
     ) -> None:
         """Layer `index` (module order) reports its batch moments against its running statistics;
         after the last layer the next batch's normalisation is decided."""
-        if index < self.n_group:
-            self.scores[0] += symmetric_kl(mean_b, var_b, mean, var, eps) / self.n_group
-        if index >= self.n_layers - self.n_group:
-            self.scores[1] += symmetric_kl(mean_b, var_b, mean, var, eps) / self.n_group
+        shallow, deep = index < self.n_group, index >= self.n_layers - self.n_group
+        if shallow or deep:  # one divergence per layer, also when a short model's groups overlap
+            kl = symmetric_kl(mean_b, var_b, mean, var, eps) / self.n_group
+            self.scores[0] += kl if shallow else 0.0
+            self.scores[1] += kl if deep else 0.0
         self.reports += 1
         if int(self.reports) == self.n_layers:
             self.last_scores.copy_(self.scores)

@@ -129,25 +129,18 @@ class AutoConfig(OptimConfig):
                 self.test_momentum == 1 or (self.neighbours == 0 and self.instance_alpha == 0),
                 "< 1 needs whole-batch statistics (neighbours=0, instance_alpha=0)",
             ),
-            (
-                "shift_threshold",
-                math.isfinite(self.shift_threshold) and self.shift_threshold >= 0,
-                "must be a finite number >= 0 (0: off)",
-            ),
-            (
-                "shift_threshold",
-                self.shift_threshold == 0 or self.test_momentum < 1,
-                "> 0 needs running test statistics (test_momentum < 1)",
-            ),
-            (
-                "label_threshold",
-                math.isfinite(self.label_threshold) and self.label_threshold >= 0,
-                "must be a finite number >= 0 (0: off)",
-            ),
-            (
-                "label_threshold",
-                self.label_threshold == 0 or self.test_momentum < 1,
-                "> 0 needs running test statistics (test_momentum < 1)",
+            *(
+                check
+                for name in ("shift_threshold", "label_threshold")
+                for value in [getattr(self, name)]
+                for check in (
+                    (name, math.isfinite(value) and value >= 0, "must be a finite number >= 0 (0: off)"),
+                    (
+                        name,
+                        value == 0 or self.test_momentum < 1,
+                        "> 0 needs running test statistics (test_momentum < 1)",
+                    ),
+                )
             ),
             ("loss", self.loss in ("slr", "entropy", "none"), "must be slr, entropy or none"),
             ("e_margin", math.isfinite(self.e_margin) and self.e_margin >= 0, "must be >= 0 (0: off)"),
