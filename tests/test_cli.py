@@ -153,3 +153,18 @@ def test_run_default_records_the_recipe_it_resolves_to(tmp_path):
     assert rc == 0
     rows = list(csv.DictReader((tmp_path / "d" / "results.csv").open()))
     assert {r["method"] for r in rows} == {"auto"}
+
+
+def test_threads_times_jobs_above_the_cores_warns(monkeypatch):
+    """--threads is per worker: more threads than cores in all is named, with the count to give."""
+    from rich.console import Console
+
+    from testtime.cli import _threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    console = Console(record=True, width=200)
+    assert _threads(2, console, jobs=2) == 2
+    text = console.export_text()
+    assert "4 threads on 2 cores" in text and "--threads 1" in text
+    quiet = Console(record=True, width=200)
+    assert _threads(1, quiet, jobs=2) == 1 and "oversubscribed" not in quiet.export_text()

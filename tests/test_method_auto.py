@@ -12,8 +12,13 @@ from testtime.adapt.components.norm_local import NeighbourStatsNorm
 from testtime.errors import ConfigError, DataError, ModelError
 
 BS = 16
-STAT_BUFFERS = {"test_mean", "test_var", "last_mean", "last_var", "restarted_at"}
-BATCH_ONLY = {"test_momentum": 1.0, "shift_threshold": 0.0, "label_threshold": 0.0}  # round-2 statistics
+STAT_BUFFERS = {"test_mean", "test_var", "last_mean", "last_var", "restarted_at", "class_mean", "class_sq"}
+BATCH_ONLY = {
+    "test_momentum": 1.0,
+    "shift_threshold": 0.0,
+    "label_threshold": 0.0,
+    "class_balanced": False,
+}  # round-2 statistics
 OPTIONS = {
     **BATCH_ONLY,
     "neighbours": 6,
@@ -136,7 +141,7 @@ def test_bad_config_values():
 
 def test_one_update_trains_affines_ensembles_and_keeps_one_backward(source_model, noisy_stream):
     x = noisy_stream[0][:BS]
-    a = adapt(source_model, "auto", momentum_src=0.9)
+    a = adapt(source_model, "auto", momentum_src=0.9, update_when_label_shifted=True)
     frozen = adapt(source_model, "auto", loss="none")  # the same first forward, no update
     source = [p.detach().clone() for p in a.params]
     stepped: list[list[torch.Tensor]] = []
@@ -435,3 +440,163 @@ def test_shift_aware_auto_resets_saves_and_counts(source_model, noisy_stream, tm
     torch.testing.assert_close(a(x[:BS]), first, rtol=0, atol=0)
     one = a(x[:1])  # a batch of one still predicts (instance statistics blended with the source)
     assert one.shape == (1, first.shape[1]) and torch.isfinite(one).all()
+
+
+def test_batchnorm1d_inputs_take_the_same_statistics():
+    """(N, C) inputs (BatchNorm1d after a linear layer) use the same per-channel statistics over the
+    batch, in every path (whole batch, running statistics, neighbourhoods)."""
+    bn = torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 3))
+        bn.running_var.copy_(torch.linspace(0.5, 2.0, 3))
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(4)) * 2 + 1
+    ref = torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    torch.testing.assert_close(NeighbourStatsNorm(bn)(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(NeighbourStatsNorm(bn, neighbours=12)(x), ref, rtol=1e-5, atol=1e-5)
+    as_2d = NeighbourStatsNorm(_bn_like(bn), neighbours=4)(x[:, :, None, None])[:, :, 0, 0]
+    torch.testing.assert_close(NeighbourStatsNorm(bn, neighbours=4)(x), as_2d, rtol=1e-5, atol=1e-5)
+    run = NeighbourStatsNorm(bn, source_weight=0.5, test_momentum=0.1)
+    out = run(x)
+    var, mean = torch.var_mean(x, dim=0, correction=0)
+    ref = torch.nn.functional.batch_norm(
+        x, 0.5 * bn.running_mean + 0.5 * (0.9 * bn.running_mean + 0.1 * mean),
+        0.5 * bn.running_var + 0.5 * (0.9 * bn.running_var + 0.1 * var), bn.weight, bn.bias, False, 0.0, bn.eps,
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run.test_mean, 0.9 * bn.running_mean + 0.1 * mean)
+    with pytest.raises(ModelError, match=r"needs inputs \(N, C, ...\)"):
+        NeighbourStatsNorm(bn)(torch.randn(3))
+
+
+def _bn_like(bn1d: torch.nn.BatchNorm1d) -> torch.nn.BatchNorm2d:
+    bn = torch.nn.BatchNorm2d(bn1d.num_features)
+    bn.load_state_dict(bn1d.state_dict())
+    return bn
+
+
+def test_adapts_a_model_with_batchnorm1d():
+    """The default recipe runs on the digits model (BatchNorm1d after its feature layer), adapts,
+    and resets exactly."""
+    from testtime.models.zoo import load_model
+
+    model = load_model("mnist_digitnet")
+    a = adapt(model)
+    assert a.name == "auto"
+    h = state_hash(a)
+    x = torch.rand(BS, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    out = a(x)
+    assert out.shape == (BS, 10) and torch.isfinite(out).all()
+    assert a.counters()["batches"] == 1 and state_hash(a) != h
+    a.reset()
+    assert state_hash(a) == h
+
+
+def test_class_balanced_statistics_follow_each_class_at_its_share():
+    """commit: each class's moments move at test_momentum * K * n_k / n towards its samples'; the
+    test statistics are the classes' equal-weight mixture."""
+    bn = _bn(2)
+    layer = NeighbourStatsNorm(bn, source_weight=0.5, test_momentum=0.1, class_balanced=4)
+    x = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(6)) + 1
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])  # 6 of class 0, 2 of class 1, none of 2 and 3
+    layer(x)
+    torch.testing.assert_close(layer.test_mean, bn.running_mean)  # nothing moves before the commit
+    layer.commit(labels)
+    src_mean, src_sq = bn.running_mean, bn.running_var + bn.running_mean**2
+    ps_mean, ps_sq = x.mean((2, 3)), (x * x).mean((2, 3))
+    exp_mean, exp_sq = src_mean.repeat(4, 1), src_sq.repeat(4, 1)
+    for k, idx, rate in ((0, slice(0, 6), 0.1 * 4 * 6 / 8), (1, slice(6, 8), 0.1 * 4 * 2 / 8)):
+        exp_mean[k] += rate * (ps_mean[idx].mean(0) - src_mean)
+        exp_sq[k] += rate * (ps_sq[idx].mean(0) - src_sq)
+    torch.testing.assert_close(layer.class_mean, exp_mean)
+    torch.testing.assert_close(layer.class_sq, exp_sq)
+    torch.testing.assert_close(layer.test_mean, exp_mean.mean(0))
+    torch.testing.assert_close(layer.test_var, exp_sq.mean(0) - exp_mean.mean(0) ** 2)
+    before = layer.class_mean.clone()
+    layer.commit(labels)  # nothing pending: no change
+    torch.testing.assert_close(layer.class_mean, before)
+    with pytest.raises(ModelError, match="class_balanced"):
+        NeighbourStatsNorm(bn, class_balanced=4)  # needs running statistics
+    layer(x)
+    with pytest.raises(DataError, match="one label per sample"):
+        layer.commit(labels[:3])
+
+
+def test_class_balanced_statistics_resist_a_long_run_of_one_class():
+    """A long run of one (shifted) class moves the plain running average all the way, the
+    class-balanced mixture only by that class's share (1/K)."""
+    bn = _bn(3)
+    plain = NeighbourStatsNorm(bn, source_weight=0.5, test_momentum=0.1)
+    balanced = NeighbourStatsNorm(bn, source_weight=0.5, test_momentum=0.1, class_balanced=5)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(60):
+        x = torch.randn(16, 3, 2, 2, generator=g) * 0.1 + 4.0  # one class, far from the source
+        plain(x)
+        balanced(x)
+        balanced.commit(torch.full((16,), 2))
+    shift = 4.0 - bn.running_mean
+    torch.testing.assert_close(plain.test_mean, bn.running_mean + shift, atol=0.02, rtol=0)
+    torch.testing.assert_close(balanced.test_mean, bn.running_mean + shift / 5, atol=0.02, rtol=0)
+
+
+def test_class_balanced_recipe_resets_and_checks():
+    from testtime.models.zoo import load_model
+
+    with pytest.raises(ConfigError, match="class_balanced"):
+        adapt(load_model("cifar10_resnet26"), "auto", **{**BATCH_ONLY, "class_balanced": True})
+    a = adapt(load_model("cifar10_resnet26"), "auto", class_balanced=True)
+    h = state_hash(a)
+    a(torch.rand(BS, 3, 32, 32, generator=torch.Generator().manual_seed(8)))
+    moved = [n for n, b in a.named_buffers() if n.endswith("class_mean")]
+    assert len(moved) > 10 and state_hash(a) != h
+    a.reset()
+    assert state_hash(a) == h
+
+
+def test_class_balanced_restart_starts_every_class_from_the_triggering_batch():
+    from testtime.adapt.components.shift import attach_shift_detector
+
+    layers = [NeighbourStatsNorm(_bn(), source_weight=0.5, test_momentum=0.1, class_balanced=3) for _ in range(3)]
+    det = attach_shift_detector(torch.nn.Sequential(*layers), 0.5, 0.0)
+    g = torch.Generator().manual_seed(9)
+
+    def run(x):
+        for layer in layers:
+            x = layer(x)
+        for layer in layers:
+            layer.commit(torch.zeros(x.shape[0], dtype=torch.long))  # every sample "class 0"
+        return x
+
+    run(torch.randn(16, 3, 4, 4, generator=g))
+    shifted = torch.randn(16, 3, 4, 4, generator=g) * 4 + 5  # a new domain: shows in this batch ...
+    run(shifted)
+    assert int(det.shifts) == 1
+    first = layers[0]
+    mean_s, var_s = _moments(shifted)
+    after = torch.randn(16, 3, 4, 4, generator=g) * 4 + 5
+    run(after)  # ... and restarts every class from its pooled moments, before this batch's commit
+    assert int(first.restarted_at) == 2
+    torch.testing.assert_close(first.class_mean[1:], mean_s.expand(2, -1))
+    torch.testing.assert_close(first.class_sq[1:], (var_s + mean_s**2).expand(2, -1))
+    rate = 0.1 * 3 * 16 / 16  # one class holds the whole batch: momentum * K
+    torch.testing.assert_close(first.class_mean[0], mean_s + rate * (after.mean((0, 2, 3)) - mean_s))
+
+
+def test_no_gradient_step_on_a_label_shifted_batch(source_model, noisy_stream):
+    """update_when_label_shifted=False: a batch the detector finds label-shifted updates the
+    statistics but not the affine parameters; other batches still train."""
+    x = noisy_stream[0][:BS]
+
+    def params(a):
+        return [p.detach().clone() for p in a.params]
+
+    always = adapt(source_model, "auto", update_when_label_shifted=False, label_threshold=1e-9)  # every batch
+    p0 = params(always)
+    always(x)
+    assert bool(always.shift_detector.slow)
+    assert all(torch.equal(p, q) for p, q in zip(p0, params(always)))
+    assert always.counters()["backward_images"] == 0
+    never = adapt(source_model, "auto", update_when_label_shifted=False, label_threshold=1e9)  # no batch
+    p0 = params(never)
+    never(x)
+    assert not bool(never.shift_detector.slow) and never.counters()["backward_images"] == BS
+    assert any(not torch.equal(p, q) for p, q in zip(p0, params(never)))

@@ -491,3 +491,25 @@ def test_cli_batch_size_1_records_the_batch_size_it_ran(tmp_path):
     assert {r["batch_size"] for r in rows} == {"1"}
     trace = list(csv.DictReader((tmp_path / "b1" / "trace.csv").open()))
     assert len(trace) == 6 and {t["n"] for t in trace} == {"1"}
+
+
+def test_mixed_levels_add_lower_severities_as_domains():
+    n = 40
+    s = build_stream("mixed_correlated", make_spec(n, options={"delta": 0.1, "levels": 3}))
+    got = samples(s)
+    assert {(t, sev) for t, sev, _, _ in got} == {(TAG[c], v) for c in THREE for v in (5, 4, 3)}
+    assert len(got) == len({(t, sev, i) for t, sev, i, _ in got}) == 3 * 3 * n
+    assert [str(d) for d in s.domains][:3] == ["gaussian_noise@5", "gaussian_noise@4", "gaussian_noise@3"]
+    assert switch_rate([y for *_, y in got]) < 0.3
+    m = build_stream("mixed_domains", make_spec(n, options={"levels": 2}))
+    assert {sev for _, sev, _, _ in samples(m)} == {5, 4}
+    one = build_stream("mixed_domains", make_spec(n, options={"levels": 1}))
+    assert samples(one) == samples(build_stream("mixed_domains", make_spec(n)))
+    with pytest.raises(ConfigError, match="below severity 1"):
+        build_stream("mixed_domains", make_spec(n, severity=2, options={"levels": 3}))
+    with pytest.raises(ConfigError, match="levels must be in"):
+        build_stream("mixed_domains", make_spec(n, options={"levels": 0}))
+    with pytest.raises(ConfigError, match="whole number"):
+        build_stream("mixed_domains", make_spec(n, options={"levels": 1.5}))
+    with pytest.raises(ConfigError, match="does not take option"):
+        build_stream("continual", make_spec(n, options={"levels": 2}))

@@ -1,6 +1,7 @@
 """Markdown tables of the `default_vs_zoo` suite from its cell files (issue 15).
 
     python benchmarks/default_vs_zoo/table.py [RESULTS_DIR]   # default: this folder
+    python benchmarks/default_vs_zoo/table.py --write         # also rewrite the tables in the READMEs
 
 Error (%) per column: the recipe's mean ± std over its seeds (its seed count in brackets when
 fewer than 3 have run), every other row its first seed; "·" where a cell has not run yet. Then
@@ -71,10 +72,30 @@ def table(cells: dict, metric: str, digits: int) -> str:
 
 
 def main() -> None:
-    results = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE
+    args = [a for a in sys.argv[1:] if a != "--write"]
+    results = Path(args[0]) if args else HERE
     cells = load(results)
-    for metric, title, digits in (("error", "Error (%)", 1), ("nll", "NLL", 3), ("ece", "ECE (%)", 1)):
-        print(f"### {title}\n\n{table(cells, metric, digits)}\n")
+    text = "".join(
+        f"### {title}\n\n{table(cells, metric, digits)}\n\n"
+        for metric, title, digits in (("error", "Error (%)", 1), ("nll", "NLL", 3), ("ece", "ECE (%)", 1))
+    )
+    print(text, end="")
+    if "--write" in sys.argv[1:]:
+        write_readmes(text)
+
+
+def write_readmes(text: str) -> None:
+    """The error table into the main README's `auto` section, all three tables at the end of this
+    folder's README (from its "### Error (%)" heading on)."""
+    start = text.index("| method | continual |")
+    error = text[start : text.index("\n\n", start)]
+    main_readme = HERE.parents[1] / "README.md"
+    s = main_readme.read_text()
+    t0 = s.index("| method | continual |", s.index("### Our recipe `auto` (the default)"))
+    main_readme.write_text(s[:t0] + error + s[s.index("\n\n", t0) :])
+    own = HERE / "README.md"
+    s = own.read_text()
+    own.write_text(s[: s.index("### Error (%)")] + text.rstrip() + "\n")
 
 
 if __name__ == "__main__":

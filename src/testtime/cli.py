@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -105,6 +106,13 @@ def _exec_options(args: argparse.Namespace) -> ExecOptions:
 def _threads(requested: int, console: Console, jobs: int = 1) -> int:
     """`--threads`: as given, or for 0 (auto) `auto_threads()` shared among `jobs` workers."""
     if requested:  # a negative count is refused with the other inputs
+        cores = os.cpu_count() or 1
+        if requested > 0 and requested * max(1, jobs) > cores:
+            console.log(
+                f"[yellow]warning: --threads {requested} per worker x --jobs {jobs} = "
+                f"{requested * max(1, jobs)} threads on {cores} cores: oversubscribed, each cell runs "
+                f"several times slower; give --threads {max(1, cores // max(1, jobs))} or 0 (auto)"
+            )
         return requested
     from testtime.device import auto_threads
 
@@ -139,7 +147,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     args.threads = _threads(args.threads, console)
     scen_opts = {
-        k: getattr(args, k) for k in ("delta", "rounds", "imbalance_ratio", "unknown", "unknown_ratio")
+        k: getattr(args, k)
+        for k in ("delta", "levels", "rounds", "imbalance_ratio", "unknown", "unknown_ratio")
     }
     cfg = RunConfig(
         methods=_method_names(args.method) or ["source", "bn", "tent"],
@@ -516,6 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--scenario", "-s", default="continual", help="see `testtime scenarios`")
     r.add_argument(
         "--delta", type=float, help="Dirichlet concentration of correlated scenarios (default 0.1)"
+    )
+    r.add_argument(
+        "--levels",
+        type=int,
+        help="mixed scenarios: each corruption also at the levels-1 severities below --severity (default 1)",
     )
     r.add_argument("--rounds", type=int, help="repetitions of the sequence in long_horizon (default 10)")
     r.add_argument("--imbalance-ratio", type=float, help="imbalanced_label_shift odds (default 500000)")

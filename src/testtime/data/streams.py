@@ -519,10 +519,29 @@ def _merge(segments: list[Segment]) -> Segment:
     )
 
 
-@register_scenario("mixed_domains", "all corruptions shuffled together into one stream (ROID, UnMix-TNS)")
+def _mixed_domain_list(spec: StreamSpec) -> list[Domain]:
+    """The domains a mixed stream draws from: every corruption at the stream's severity, or with
+    option `levels` L > 1 at the L severities `severity, severity - 1, ..., severity - L + 1`, each
+    its own domain (more, and more varied, domains per batch from the same corruptions)."""
+    levels = int(_option(spec, "levels", 1, 1, 5, integer=True))
+    if levels > 1 and not spec.data.uses_severity:
+        raise ConfigError(f"scenario option levels={levels} needs corruptions with severities")
+    if spec.severity - levels + 1 < 1:
+        raise ConfigError(
+            f"scenario option levels={levels} at severity {spec.severity} would go below severity 1"
+        )
+    return [_domain(spec, c, spec.severity - j) for c in spec.corruptions for j in range(levels)]
+
+
+@register_scenario(
+    "mixed_domains",
+    "all corruptions shuffled together into one stream (ROID, UnMix-TNS); option levels L (default 1): "
+    "each corruption also at the L-1 severities below, as more domains",
+    options=("levels",),
+)
 def mixed_domains(spec: StreamSpec) -> Stream:
     rng = np.random.default_rng(spec.seed)
-    domains = [_domain(spec, c) for c in spec.corruptions]
+    domains = _mixed_domain_list(spec)
     parts = []
     for i in range(len(domains)):
         idx = _per_domain_order(spec, rng)
@@ -556,8 +575,9 @@ def correlated(spec: StreamSpec) -> Stream:
 
 @register_scenario(
     "mixed_correlated",
-    "all corruptions mixed, labels Dirichlet-correlated (option delta > 0, default 0.1)",
-    options=("delta",),
+    "all corruptions mixed, labels Dirichlet-correlated (option delta > 0, default 0.1; option levels "
+    "as for mixed_domains)",
+    options=("delta", "levels"),
 )
 def mixed_correlated(spec: StreamSpec) -> Stream:
     delta = _delta(spec)

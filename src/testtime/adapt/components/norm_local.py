@@ -18,7 +18,11 @@ batch renormalisation, Zhao et al. ICLR 2023), so a batch of few classes (label-
 streams) or few samples moves the statistics less. With a shift detector attached
 (`components.shift`, `attach_detector`), each batch is normalised with either the running or the
 batch statistics as the detector decides, and the running statistics restart from the batch that
-showed a change of domain.
+showed a change of domain. With `class_balanced=K` the running statistics are class-balanced:
+each of the K classes keeps its own running moments, updated after the forward pass from the
+samples the model assigns to it (`commit`), and the test statistics are their equal-weight mixture,
+so a run of one class, however long, moves only that class's share (the category-balanced idea
+of RoTTA's memory, Yuan et al. CVPR 2023, applied to the normalisation statistics).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class NeighbourStatsNorm(AdaptiveNorm):
         instance_alpha: float = 0.0,
         source_weight: float = 0.0,
         test_momentum: float = 1.0,
+        class_balanced: int = 0,
     ) -> None:
         super().__init__(bn)
         if not 0 < test_momentum <= 1:
@@ -56,6 +61,11 @@ class NeighbourStatsNorm(AdaptiveNorm):
         if test_momentum < 1 and (neighbours > 0 or instance_alpha > 0):
             raise ModelError(
                 "test_momentum < 1 needs whole-batch statistics (neighbours=0, instance_alpha=0)"
+            )
+        if class_balanced < 0 or (class_balanced > 0 and test_momentum >= 1):
+            raise ModelError(
+                "class_balanced needs a number of classes >= 1 and running test statistics "
+                f"(test_momentum < 1), got class_balanced={class_balanced}, test_momentum={test_momentum}"
             )
         if neighbours < 0:
             raise ModelError(f"neighbours must be >= 0 (0: the whole batch), got {neighbours}")
@@ -80,6 +90,14 @@ class NeighbourStatsNorm(AdaptiveNorm):
         if self.test_momentum < 1:  # running test statistics, starting at the source's
             self.register_buffer("test_mean", self.running_mean.detach().clone())
             self.register_buffer("test_var", self.running_var.detach().clone())
+        self.class_balanced = int(class_balanced)
+        if self.class_balanced:  # per-class first and second moments, starting at the source's
+            k = self.class_balanced
+            self.register_buffer("class_mean", self.running_mean.detach().clone().repeat(k, 1))
+            self.register_buffer(
+                "class_sq", (self.running_var + self.running_mean**2).detach().clone().repeat(k, 1)
+            )
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # per-sample moments to commit
         self._detector: ShiftDetector | None = None  # shared, not a submodule (see attach_detector)
         self._detect_index = -1
 
@@ -99,18 +117,21 @@ class NeighbourStatsNorm(AdaptiveNorm):
         return (
             f"{super().extra_repr()}, neighbours={self.neighbours}, prior_n={self.prior_n}, "
             f"source_weight={self.source_weight}, instance_alpha={self.instance_alpha}, "
-            f"test_momentum={self.test_momentum}"
+            f"test_momentum={self.test_momentum}, class_balanced={self.class_balanced}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 3:
-            raise ModelError("NeighbourStatsNorm needs inputs with spatial dimensions (N, C, ...)")
+        if x.dim() < 2:
+            raise ModelError(f"NeighbourStatsNorm needs inputs (N, C, ...), got shape {tuple(x.shape)}")
         xf = x.float()
         n = x.shape[0]
         k = n if self.neighbours == 0 else min(self.neighbours, n)
         if k == n and self.instance_alpha == 0:
             return self._blend_whole_batch(xf)
-        inst_var, inst_mean = _moments(xf, list(range(2, x.dim())))  # (N, C)
+        if x.dim() > 2:
+            inst_var, inst_mean = _moments(xf, list(range(2, x.dim())))  # (N, C)
+        else:  # BatchNorm1d on (N, C): each sample is one value per channel
+            inst_var, inst_mean = torch.zeros_like(xf), xf
         if k == n:  # the whole batch: plain test-batch statistics, one row for all samples
             mean = inst_mean.mean(0, keepdim=True)
             var = (inst_var + inst_mean**2).mean(0, keepdim=True) - mean**2
@@ -167,6 +188,9 @@ class NeighbourStatsNorm(AdaptiveNorm):
             if det.restart_due(int(self.restarted_at)):  # a new domain showed in the last batch
                 self.test_mean.copy_(self.last_mean)
                 self.test_var.copy_(self.last_var)
+                if self.class_balanced:  # every class restarts from the batch's pooled moments
+                    self.class_mean.copy_(self.last_mean.expand_as(self.class_mean))
+                    self.class_sq.copy_((self.last_var + self.last_mean**2).expand_as(self.class_sq))
                 self.restarted_at.copy_(det.reset_to)
             slow = bool(det.slow)
         if m < 1:
@@ -183,10 +207,46 @@ class NeighbourStatsNorm(AdaptiveNorm):
                     det.report(self._detect_index, mean_b, var_b, self.test_mean, self.test_var, self.eps)
                     self.last_mean.copy_(mean_b)
                     self.last_var.copy_(var_b)
-                self.test_mean.lerp_(mean_b.to(self.test_mean.dtype), m)
-                self.test_var.lerp_(var_b.to(self.test_var.dtype), m)
+                if self.class_balanced:  # updated by `commit`, once the batch's classes are known
+                    dims = list(range(2, x.dim()))
+                    self._pending = (x.mean(dims), (x * x).mean(dims)) if dims else (x.clone(), x * x)
+                else:
+                    self.test_mean.lerp_(mean_b.to(self.test_mean.dtype), m)
+                    self.test_var.lerp_(var_b.to(self.test_var.dtype), m)
             return y
         return _BlendedBatchNorm.apply(x, w, b, mean_s, var_s, a, self.eps)[0]
+
+
+    @torch.no_grad()
+    def commit(self, labels: torch.Tensor) -> None:
+        """Class-balanced running statistics: move each class's moments towards those of the last
+        forward's samples assigned to it (`labels`, e.g. the predicted classes), at momentum
+        `test_momentum * K * n_k / n` for a class with n_k of the n samples (a batch moves the
+        classes' equal-weight mixture by `test_momentum`, as the plain running average does), then
+        set the test statistics to the mixture. No-op without a pending forward."""
+        if not self.class_balanced or self._pending is None:
+            return
+        mean_x, sq_x = self._pending
+        self._pending = None
+        n, k = mean_x.shape[0], self.class_balanced
+        if labels.shape != (n,):
+            raise DataError(f"commit needs one label per sample of the last batch ({n}), got {tuple(labels.shape)}")
+        onehot = torch.nn.functional.one_hot(labels.long().clamp(0, k - 1), k).float()  # (n, K)
+        counts = onehot.sum(0)
+        rate = (self.test_momentum * k * counts / n).clamp(max=1.0)[:, None]
+        seen = counts[:, None].clamp_min(1)
+        self.class_mean.add_(rate * (onehot.T @ mean_x / seen - self.class_mean))
+        self.class_sq.add_(rate * (onehot.T @ sq_x / seen - self.class_sq))
+        mean = self.class_mean.mean(0)
+        self.test_mean.copy_(mean)
+        self.test_var.copy_((self.class_sq.mean(0) - mean**2).clamp_min(0))
+
+
+def commit_class_stats(model: torch.nn.Module, labels: torch.Tensor) -> None:
+    """`commit` on every class-balanced NeighbourStatsNorm layer of `model`."""
+    for m in model.modules():
+        if isinstance(m, NeighbourStatsNorm) and m.class_balanced:
+            m.commit(labels)
 
 
 class _BlendedBatchNorm(torch.autograd.Function):
