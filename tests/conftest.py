@@ -55,7 +55,9 @@ def state_hash(module: torch.nn.Module) -> str:
     """
     from testtime.adapt.base import AdaptedModel
 
-    return state_digest(module, exclude=AdaptedModel.COUNTERS)
+    return state_digest(
+        module, exclude=module.bookkeeping_keys() if isinstance(module, AdaptedModel) else AdaptedModel.COUNTERS
+    )
 
 
 def to_batch(x: np.ndarray) -> torch.Tensor:

@@ -435,8 +435,10 @@ def test_shift_aware_auto_resets_saves_and_counts(source_model, noisy_stream, tm
     b.load_state(tmp_path / "auto.pt")
     assert state_hash(b) == state_hash(a)
     torch.testing.assert_close(b(x[3 * BS : 4 * BS]), a(x[3 * BS : 4 * BS]), rtol=0, atol=0)
+    shifts = a.counters()["shifts"]
     a.reset()
     assert state_hash(a) == h0 and int(a.shift_detector.batch) == 0
+    assert a.counters()["shifts"] == shifts  # the tallies count on across resets and guard restores
     torch.testing.assert_close(a(x[:BS]), first, rtol=0, atol=0)
     one = a(x[:1])  # a batch of one still predicts (instance statistics blended with the source)
     assert one.shape == (1, first.shape[1]) and torch.isfinite(one).all()

@@ -306,11 +306,19 @@ class AdaptedModel(nn.Module):
         if tally is not None:
             tally.clear()
 
+    def bookkeeping_keys(self) -> tuple[str, ...]:
+        """State-dict keys of the usage counters: the base ones (`COUNTERS`) plus any a method adds
+        (e.g. `auto`'s shift-detector tallies). They keep counting across `reset()` and the
+        collapse guard's restores, and are left out of "same state" comparisons."""
+        return self.COUNTERS
+
     def _load_snapshot(self, snapshot: dict[str, Any]) -> None:
-        kept = {k: getattr(self, k).clone() for k in self.COUNTERS}
+        state = self.state_dict(keep_vars=True)
+        kept = {k: state[k].detach().clone() for k in self.bookkeeping_keys()}
         self.load_state_dict(snapshot["module"])
+        state = self.state_dict(keep_vars=True)
         for k, v in kept.items():
-            getattr(self, k).copy_(v)
+            state[k].data.copy_(v)
         if self.optimizer is not None:
             self.optimizer.state.clear()
             self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))

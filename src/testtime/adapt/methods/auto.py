@@ -243,6 +243,10 @@ class Auto(GradientMethod):
         d = self.shift_detector
         return d is not None and bool(d.slow)
 
+    def bookkeeping_keys(self) -> tuple[str, ...]:
+        extra = () if self.shift_detector is None else ("shift_detector.shifts", "shift_detector.label_batches")
+        return (*super().bookkeeping_keys(), *extra)
+
     def counters(self) -> dict[str, int]:
         d = self.shift_detector
         extra = {} if d is None else {"shifts": int(d.shifts), "label_shift_batches": int(d.label_batches)}
