@@ -56,7 +56,8 @@ def state_hash(module: torch.nn.Module) -> str:
     from testtime.adapt.base import AdaptedModel
 
     return state_digest(
-        module, exclude=module.bookkeeping_keys() if isinstance(module, AdaptedModel) else AdaptedModel.COUNTERS
+        module,
+        exclude=module.bookkeeping_keys() if isinstance(module, AdaptedModel) else AdaptedModel.COUNTERS,
     )
 
 

@@ -461,8 +461,14 @@ def test_batchnorm1d_inputs_take_the_same_statistics():
     out = run(x)
     var, mean = torch.var_mean(x, dim=0, correction=0)
     ref = torch.nn.functional.batch_norm(
-        x, 0.5 * bn.running_mean + 0.5 * (0.9 * bn.running_mean + 0.1 * mean),
-        0.5 * bn.running_var + 0.5 * (0.9 * bn.running_var + 0.1 * var), bn.weight, bn.bias, False, 0.0, bn.eps,
+        x,
+        0.5 * bn.running_mean + 0.5 * (0.9 * bn.running_mean + 0.1 * mean),
+        0.5 * bn.running_var + 0.5 * (0.9 * bn.running_var + 0.1 * var),
+        bn.weight,
+        bn.bias,
+        False,
+        0.0,
+        bn.eps,
     )
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(run.test_mean, 0.9 * bn.running_mean + 0.1 * mean)
@@ -557,7 +563,9 @@ def test_class_balanced_recipe_resets_and_checks():
 def test_class_balanced_restart_starts_every_class_from_the_triggering_batch():
     from testtime.adapt.components.shift import attach_shift_detector
 
-    layers = [NeighbourStatsNorm(_bn(), source_weight=0.5, test_momentum=0.1, class_balanced=3) for _ in range(3)]
+    layers = [
+        NeighbourStatsNorm(_bn(), source_weight=0.5, test_momentum=0.1, class_balanced=3) for _ in range(3)
+    ]
     det = attach_shift_detector(torch.nn.Sequential(*layers), 0.5, 0.0)
     g = torch.Generator().manual_seed(9)
 

@@ -216,7 +216,6 @@ class NeighbourStatsNorm(AdaptiveNorm):
             return y
         return _BlendedBatchNorm.apply(x, w, b, mean_s, var_s, a, self.eps)[0]
 
-
     @torch.no_grad()
     def commit(self, labels: torch.Tensor) -> None:
         """Class-balanced running statistics: move each class's moments towards those of the last
@@ -230,7 +229,9 @@ class NeighbourStatsNorm(AdaptiveNorm):
         self._pending = None
         n, k = mean_x.shape[0], self.class_balanced
         if labels.shape != (n,):
-            raise DataError(f"commit needs one label per sample of the last batch ({n}), got {tuple(labels.shape)}")
+            raise DataError(
+                f"commit needs one label per sample of the last batch ({n}), got {tuple(labels.shape)}"
+            )
         onehot = torch.nn.functional.one_hot(labels.long().clamp(0, k - 1), k).float()  # (n, K)
         counts = onehot.sum(0)
         rate = (self.test_momentum * k * counts / n).clamp(max=1.0)[:, None]

@@ -244,7 +244,9 @@ class Auto(GradientMethod):
         return d is not None and bool(d.slow)
 
     def bookkeeping_keys(self) -> tuple[str, ...]:
-        extra = () if self.shift_detector is None else ("shift_detector.shifts", "shift_detector.label_batches")
+        extra = (
+            () if self.shift_detector is None else ("shift_detector.shifts", "shift_detector.label_batches")
+        )
         return (*super().bookkeeping_keys(), *extra)
 
     def counters(self) -> dict[str, int]:
