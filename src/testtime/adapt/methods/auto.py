@@ -1,7 +1,7 @@
 """auto: testtime's own recipe, composed from the zoo's parts and tuned on held-out corruptions.
 
-Not a published method. Per batch: one forward pass (loss, weights and prediction) and one
-backward pass (about Tent's cost), made of
+Not a published method. Per batch: one forward pass (loss, weights and prediction) and at most one
+backward pass (about Tent's cost; none on batches found label-shifted), made of
 
 1. **Source-anchored, shift-aware normalisation** (`components.norm_local.NeighbourStatsNorm`
    with `components.shift.ShiftDetector`): every BatchNorm layer normalises with
@@ -88,7 +88,7 @@ from testtime.adapt.components.features import find_classifier
 from testtime.adapt.components.losses import entropy, soft_likelihood_ratio
 from testtime.adapt.components.norm_local import NeighbourStatsNorm, commit_class_stats
 from testtime.adapt.components.norm_types import NormSupport
-from testtime.adapt.components.passes import Passes
+from testtime.adapt.components.passes import Passes, new_tally, per_image
 from testtime.adapt.components.recipe import GradientMethod
 from testtime.adapt.components.shift import attach_shift_detector
 from testtime.adapt.config import OptimConfig
@@ -203,6 +203,7 @@ class Auto(GradientMethod):
         )
         self.source_weights = SourceWeights(self.params)
         self.register_buffer("class_probs_ema", torch.full((fc.out_features,), 1.0 / fc.out_features))
+        self.tally = new_tally()  # "stepped": images of the batches that took a gradient step
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -234,6 +235,7 @@ class Auto(GradientMethod):
             if not cfg.update_when_label_shifted and self._label_shifted():
                 continue
             self.backward_and_step((per_sample * weights)[keep].sum() / n, n)
+            self.tally["stepped"] += n
             self.source_weights.ensemble_(self.params, cfg.momentum_src)
         return prior_correction(logits) if cfg.prior_correction else logits
 
@@ -255,6 +257,10 @@ class Auto(GradientMethod):
         return {**super().counters(), **extra}
 
     def minimal_passes(self) -> Passes:
-        s = self.config.steps
-        b = 0 if self.config.loss == "none" else s
-        return Passes(s, b, "per step one forward (loss, weights and prediction) and at most one backward")
+        b = per_image(self.n_images, self.tally["stepped"])
+        return Passes(
+            self.config.steps,
+            b,
+            "per step one forward (loss, weights and prediction); one backward unless the batch looks "
+            "label-shifted (or has one sample, or loss=none)",
+        )
