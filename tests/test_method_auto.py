@@ -527,6 +527,9 @@ def test_class_balanced_statistics_follow_each_class_at_its_share():
     layer(x)
     with pytest.raises(DataError, match="one label per sample"):
         layer.commit(labels[:3])
+    torch.testing.assert_close(layer.class_mean, before)  # refused: nothing moved ...
+    layer.commit(labels)  # ... and the batch can still be committed
+    assert not torch.equal(layer.class_mean, before)
 
 
 def test_class_balanced_statistics_resist_a_long_run_of_one_class():

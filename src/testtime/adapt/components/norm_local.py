@@ -226,12 +226,12 @@ class NeighbourStatsNorm(AdaptiveNorm):
         if not self.class_balanced or self._pending is None:
             return
         mean_x, sq_x = self._pending
-        self._pending = None
         n, k = mean_x.shape[0], self.class_balanced
-        if labels.shape != (n,):
+        if labels.shape != (n,):  # refused before anything changes: the pending batch stays
             raise DataError(
                 f"commit needs one label per sample of the last batch ({n}), got {tuple(labels.shape)}"
             )
+        self._pending = None
         onehot = torch.nn.functional.one_hot(labels.long().clamp(0, k - 1), k).float()  # (n, K)
         counts = onehot.sum(0)
         rate = (self.test_momentum * k * counts / n).clamp(max=1.0)[:, None]
