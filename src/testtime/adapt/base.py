@@ -313,12 +313,10 @@ class AdaptedModel(nn.Module):
         return self.COUNTERS
 
     def _load_snapshot(self, snapshot: dict[str, Any]) -> None:
-        state = self.state_dict(keep_vars=True)
-        kept = {k: state[k].detach().clone() for k in self.bookkeeping_keys()}
+        kept = {k: self.get_buffer(k).clone() for k in self.bookkeeping_keys()}
         self.load_state_dict(snapshot["module"])
-        state = self.state_dict(keep_vars=True)
         for k, v in kept.items():
-            state[k].data.copy_(v)
+            self.get_buffer(k).copy_(v)
         if self.optimizer is not None:
             self.optimizer.state.clear()
             self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))

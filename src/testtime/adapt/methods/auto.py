@@ -189,11 +189,12 @@ class Auto(GradientMethod):
             "source_weight": c.source_weight,
             "instance_alpha": c.instance_alpha,
             "test_momentum": c.test_momentum,
-            "class_balanced": find_classifier(self.model)[1].out_features if c.class_balanced else 0,
+            "class_balanced": self.n_classes if c.class_balanced else 0,
         }
 
     def setup(self) -> None:
         _, fc = find_classifier(self.model)
+        self.n_classes = fc.out_features  # before super().setup(): norm_kwargs() needs it
         super().setup()
         c = self.config
         self.shift_detector = (
