@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -367,6 +369,62 @@ def test_detector_decides_domain_change_label_shift_or_neither_from_its_layer_gr
             ShiftDetector(*bad, n_layers=3)
     with pytest.raises(ModelError, match="layer"):
         ShiftDetector(0.1, 0.1, n_layers=0)
+
+
+def test_split_half_divergence_is_scale_free_and_zero_for_equal_halves():
+    from testtime.adapt.components.shift import split_half_divergence
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    assert float(split_half_divergence(x.repeat_interleave(2, 0), 0.0)) == pytest.approx(0.0, abs=1e-6)
+    d = float(split_half_divergence(x, 0.0))
+    assert d > 0
+    # per-channel KL does not change when a channel is rescaled or shifted: the layer's own units
+    scaled = x * torch.tensor([10.0, 0.1, 3.0]).view(1, 3, 1, 1) + 5.0
+    assert float(split_half_divergence(scaled, 0.0)) == pytest.approx(d, rel=1e-3)
+    flat = torch.randn(16, 5)  # BatchNorm1d inputs (N, C)
+    assert float(split_half_divergence(flat, 0.0)) > 0
+
+
+def _heavy_tailed_features(n, classes, generator):
+    """(n, 32) features of a class-clustered, heavy-tailed kind (like a digit network's last
+    BatchNorm1d input): i.i.d. batches of them diverge from the population by much more than 1/n."""
+    centres = torch.randn(10, 32, generator=torch.Generator().manual_seed(1)) * 2  # fixed classes
+    y = classes[torch.randint(len(classes), (n,), generator=generator)]
+    noise = torch.distributions.StudentT(4.0).sample((n, 32))
+    return centres[y] + noise
+
+
+def test_split_half_label_test_transfers_where_the_per_sample_threshold_does_not():
+    from testtime.adapt.components.shift import ShiftDetector
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    population = _heavy_tailed_features(100_000, torch.arange(10), g)
+    mean, var = population.mean(0), population.var(0, unbiased=False)
+    flagged = {}
+    for noise in ("per_sample", "split_half"):
+        det = ShiftDetector(threshold=0.0, label_threshold=1.0, n_layers=1, label_noise=noise)
+        flags = []
+        for classes in [torch.arange(10)] * 20 + [torch.tensor([3])] * 5:  # i.i.d., then one class
+            x = _heavy_tailed_features(200, classes, g)
+            det.begin_batch(200)
+            assert det.wants_input(0) is (noise == "split_half")
+            det.report(0, x.mean(0), x.var(0, unbiased=False), mean, var, 1e-5, x)
+            flags.append(bool(det.slow))
+            assert math.isnan(float(det.last_scores[2])) is (noise == "per_sample")
+        flagged[noise] = (sum(flags[:20]), sum(flags[20:]))
+    assert flagged["split_half"] == (0, 5), flagged  # i.i.d. batches pass; one-class batches are caught
+    assert flagged["per_sample"][0] >= 10, flagged  # the same threshold per sample flags i.i.d. batches
+    # too few samples to split: never judged label-shifted that way
+    det = ShiftDetector(threshold=0.0, label_threshold=1.0, n_layers=1, label_noise="split_half")
+    x = _heavy_tailed_features(3, torch.tensor([3]), g)
+    det.begin_batch(3)
+    assert not det.wants_input(0)
+    det.report(0, x.mean(0), x.var(0, unbiased=False), mean, var, 1e-5, None)
+    assert not bool(det.slow)
+    with pytest.raises(ModelError, match="label_noise"):
+        ShiftDetector(0.1, 0.1, n_layers=1, label_noise="per_batch")
 
 
 def test_fast_batches_equal_the_fixed_blend_and_a_new_domain_restarts_every_layer():

@@ -20,22 +20,26 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tune import cell_for
+from tune import SCENARIOS, cell_for
 
-from testtime.adapt.components.shift import symmetric_kl
+from testtime.adapt.components.shift import split_half_divergence, symmetric_kl
 from testtime.bench.experiment import ExecOptions, build_cell_stream, source_model
 
 
-def batch_stats(scenario: str) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+def batch_stats(scenario: str) -> list[list[tuple[torch.Tensor, ...]]]:
     cell = cell_for("source", scenario)
     stream = build_cell_stream(cell, ExecOptions(threads=1))
     model = source_model(cell, torch.device("cpu")).eval()
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    current: list[tuple[torch.Tensor, torch.Tensor]] = []
+    current: list[tuple[torch.Tensor, ...]] = []
     hooks = [
         b.register_forward_hook(
             lambda mod, inp, out: current.append(
-                (inp[0].float().mean((0, 2, 3)), inp[0].float().var((0, 2, 3), unbiased=False))
+                (
+                    inp[0].float().mean((0, 2, 3)),
+                    inp[0].float().var((0, 2, 3), unbiased=False),
+                    split_half_divergence(inp[0], 1e-5),
+                )
             )
         )
         for b in bns
@@ -51,29 +55,77 @@ def batch_stats(scenario: str) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     return out
 
 
+def scores(rows: list[list[tuple[torch.Tensor, ...]]], batch: int) -> dict[str, np.ndarray]:
+    """Per batch (the first excluded): the deep third's divergence from the running average, times
+    the batch size (`label_noise="per_sample"`), and divided by the deep third's split-half
+    divergence (`label_noise="split_half"`)."""
+    n = len(rows[0])
+    third = (n + 2) // 3
+    ema = [(r[0].clone(), r[1].clone()) for r in rows[0]]
+    deep, half, restart = [], [], False
+    for t in range(1, len(rows)):
+        if restart:
+            ema = [(r[0].clone(), r[1].clone()) for r in rows[t - 1]]
+            restart = False
+        kl = [float(symmetric_kl(rows[t][i][0], rows[t][i][1], *ema[i], 1e-5)) for i in range(n)]
+        deep.append(np.mean(kl[n - third :]))
+        half.append(np.mean([float(rows[t][i][2]) for i in range(n - third, n)]))
+        restart = np.mean(kl[:third]) > 0.1
+        ema = [(e[0].lerp(x[0], 0.05), e[1].lerp(x[1], 0.05)) for e, x in zip(ema, rows[t])]
+    deep_a, half_a = np.array(deep), np.array(half)
+    return {"per_sample": deep_a * batch, "split_half": deep_a / half_a}
+
+
+def digit_stats(order: str, batch: int, n_batches: int = 200) -> list[list[tuple[torch.Tensor, ...]]]:
+    """The shipped digit network on the MNIST *training* images (its source domain; no test image),
+    i.i.d. (`order="iid"`) or label-correlated (Dirichlet delta 0.1, as the test scenarios)."""
+    from testtime.data.digits import load_digits
+    from testtime.data.streams import dirichlet_order
+    from testtime.models.zoo import load_model
+
+    data = load_digits("mnist", "train")
+    x = torch.as_tensor(np.asarray(data.x)).permute(0, 3, 1, 2).float() / 255
+    y = np.asarray(data.y)
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(y)) if order == "iid" else dirichlet_order(y, 0.1, rng)
+    model = load_model("mnist_digitnet").eval()
+    bns = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    current: list[tuple[torch.Tensor, ...]] = []
+
+    def hook(mod, inp, out):
+        dims = [0, *range(2, inp[0].dim())]
+        t = inp[0].float()
+        current.append((t.mean(dims), t.var(dims, unbiased=False), split_half_divergence(t, 1e-5)))
+
+    hooks = [b.register_forward_hook(hook) for b in bns]
+    out = []
+    with torch.no_grad():
+        for k in range(min(n_batches, len(idx) // batch)):
+            current.clear()
+            model(x[idx[k * batch : (k + 1) * batch]])
+            out.append(list(current))
+    for h in hooks:
+        h.remove()
+    return out
+
+
 def main() -> None:
+    """Percentiles (5/25/50/75/95) of both label-shift statistics per validation stream, then on
+    the digit network's source domain (round 5: does the statistic transfer across networks?)."""
     torch.set_num_threads(1)
     scenarios = (
         sys.argv[1]
         if len(sys.argv) > 1
         else "continual_full,mixed_domains_full,correlated_full,mixed_correlated_full"
     ).split(",")
-    for scenario in scenarios:
-        rows = batch_stats(scenario)
-        n = len(rows[0])
-        third = (n + 2) // 3
-        ema = [(m.clone(), v.clone()) for m, v in rows[0]]
-        deep, restart = [], False
-        for t in range(1, len(rows)):
-            if restart:
-                ema = [(m.clone(), v.clone()) for m, v in rows[t - 1]]
-                restart = False
-            kl = [float(symmetric_kl(*rows[t][i], *ema[i], 1e-5)) for i in range(n)]
-            deep.append(np.mean(kl[n - third :]))
-            restart = np.mean(kl[:third]) > 0.1
-            ema = [(e[0].lerp(x[0], 0.05), e[1].lerp(x[1], 0.05)) for e, x in zip(ema, rows[t])]
-        pct = np.percentile(deep, [5, 25, 50, 75, 95]).round(4)
-        print(f"{scenario:24s} last-third divergence, percentiles 5/25/50/75/95: {pct}", flush=True)
+    streams = [(s, lambda s=s: batch_stats(s), SCENARIOS[s][2]) for s in scenarios if s]
+    for order in ("iid", "dirichlet"):
+        for b in (200, 16):
+            streams.append((f"digits_mnist_train_{order}_b{b}", lambda o=order, b=b: digit_stats(o, b), b))
+    for name, get, batch in streams:
+        for stat, v in scores(get(), batch).items():
+            pct = np.percentile(v, [5, 25, 50, 75, 95]).round(4)
+            print(f"{name:34s} {stat:10s} {pct}", flush=True)
 
 
 if __name__ == "__main__":

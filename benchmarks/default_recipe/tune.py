@@ -67,6 +67,13 @@ def _round4(test_momentum: str, **overrides: str) -> tuple[str, dict[str, str]]:
     )
 
 
+def _round5(label_threshold: str, **overrides: str) -> tuple[str, dict[str, str]]:
+    """A round-5 `auto` row: round 4's adopted recipe (`cb_m0.05_nolabelupd`) with the split-half
+    label test at `label_threshold`, plus `overrides`."""
+    method, params = _round4("0.05", update_when_label_shifted="False")
+    return method, {**params, "label_threshold": label_threshold, "label_noise": "split_half", **overrides}
+
+
 # label -> (method, overrides). Baselines first, then the recipe's candidates (an ablation around
 # the current default rather than a grid). Appended to, never edited, as tuning proceeds.
 CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
@@ -194,6 +201,10 @@ CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
     # cb_m0.05_norm_only / _nolabelupd fixed mixed_correlated_l4 (10.34 both: every batch there was
     # found label-shifted); the same with the faster average, for the streams with domain changes
     "auto:cb_m0.1_nolabelupd": _round4("0.1", update_when_label_shifted="False"),
+    # round 5: the label-shift test measured against the batch's own split-half noise, so that it
+    # transfers to other networks; thresholds from shift_stats.py's validation percentiles (README)
+    "auto:r5_split1.0": _round5("1.0"),
+    "auto:r5_split2.0": _round5("2.0"),
     # ablation, run after the defaults were fixed (a report, not a choice): the recipe minus one part
     "ablate:no_source_blend": ("auto", {"prior_correction": "True"}),
     "ablate:no_loss": ("auto", {"loss": "none", "source_weight": "0.6667", "prior_correction": "True"}),
@@ -231,6 +242,7 @@ REFERENCE = {
     "label_threshold": "0",
     "class_balanced": "False",  # added in round 4
     "update_when_label_shifted": "True",
+    "label_noise": "per_sample",  # added in round 5
 }
 
 
@@ -300,12 +312,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="comma-separated configuration labels (default: all)")
     ap.add_argument("--scenarios", default="continual,mixed_domains,correlated")
+    ap.add_argument("--cache-dir", help="where generated corruptions are cached (default: none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     labels = args.only.split(",") if args.only else list(CONFIGS)
     cells_dir = HERE / "cells"
     cells_dir.mkdir(exist_ok=True)
-    opts = ExecOptions(threads=1)
+    opts = ExecOptions(threads=1, cache_dir=args.cache_dir)
     for label in labels:
         for scenario in args.scenarios.split(","):
             f = cells_dir / f"{label.replace(':', '_')}__{scenario}.json"

@@ -204,7 +204,9 @@ class NeighbourStatsNorm(AdaptiveNorm):
             y, mean_b, var_b = _BlendedBatchNorm.apply(x, w, b, mean_s, var_s, anchor, self.eps)
             with torch.no_grad():
                 if det is not None:
-                    det.report(self._detect_index, mean_b, var_b, self.test_mean, self.test_var, self.eps)
+                    i = self._detect_index
+                    x_in = x if det.wants_input(i) else None
+                    det.report(i, mean_b, var_b, self.test_mean, self.test_var, self.eps, x_in)
                     self.last_mean.copy_(mean_b)
                     self.last_var.copy_(var_b)
                 if self.class_balanced:  # updated by `commit`, once the batch's classes are known

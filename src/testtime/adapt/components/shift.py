@@ -16,10 +16,21 @@ The divergence of a layer is the symmetric Kullback-Leibler divergence between t
 Gaussians of the batch and of the running statistics, averaged over channels, then over the
 layers of a group. After each batch the detector decides for the next one: a change of domain
 (shallow score above `threshold`) restarts every layer's running statistics from the batch that
-showed it and normalises with batch statistics; otherwise a deep score above `label_threshold / n`
-(n: the batch size; sampling noise alone makes a batch diverge by about 1/n, so the evidence asked
-for grows as batches shrink) normalises with the running statistics (slow), and anything else
-with the batch's. While the stream is label-shifted (slow), a change of domain restarts nothing:
+showed it and normalises with batch statistics; otherwise a deep score above the label threshold
+normalises with the running statistics (slow), and anything else with the batch's. The threshold is
+measured against the batch's own sampling noise, one of two ways (`label_noise`):
+
+- ``"per_sample"``: deep score > `label_threshold / n` (n: the batch size; sampling noise alone
+  makes a batch of n samples diverge by about c/n). The constant c depends on the network: about
+  0.2 for the BatchNorm2d layers of our CIFAR ResNet-26 (many values per channel, per image), about
+  1.3 for the BatchNorm1d layer of the digit network (one value per channel and image, heavy-tailed),
+  so a threshold chosen on one network flags every batch of the other as label-shifted;
+- ``"split_half"``: deep score > `label_threshold * h`, h the same divergence between the batch's
+  two halves (even and odd samples), per deep layer. h measures the batch's sampling noise in the
+  units of the network at hand (for i.i.d. batches the ratio deep / h is about 0.3 on both networks
+  above), and a batch of few classes is as homogeneous within as an i.i.d. one: only its
+  divergence from the running average grows. Costs one more moment pass over the deep third's
+  inputs. A batch of fewer than 4 samples is never judged label-shifted this way. While the stream is label-shifted (slow), a change of domain restarts nothing:
 a restart would start from one batch of few classes, and in validation that bias cost more than
 the running average's lag. The running statistics are updated with every batch at the layer's
 slow momentum. A detection costs a few reductions over channels per layer.
@@ -48,16 +59,25 @@ class ShiftDetector(nn.Module):
     `batch` counts forward passes (advanced by the first layer), `reset_to` is the batch that last
     showed a change of domain (0: none), `slow` whether the next batch normalises with the running
     statistics; `shifts` / `label_batches` count domain changes and label-shifted batches, and
-    `last_scores` keeps the latest (shallow, deep) scores for diagnostics.
+    `last_scores` keeps the latest (shallow, deep, split-half) scores for diagnostics (the third is
+    NaN unless `label_noise` is "split_half").
     """
 
     def __init__(
-        self, threshold: float, label_threshold: float, n_layers: int, fraction: float = 1 / 3
+        self,
+        threshold: float,
+        label_threshold: float,
+        n_layers: int,
+        fraction: float = 1 / 3,
+        label_noise: str = "per_sample",
     ) -> None:
         super().__init__()
         for name, value in (("shift_threshold", threshold), ("label_threshold", label_threshold)):
             if not (math.isfinite(value) and value >= 0):
                 raise ModelError(f"{name} must be a finite number >= 0 (0: off), got {value}")
+        if label_noise not in LABEL_NOISE:
+            raise ModelError(f"label_noise must be one of {', '.join(LABEL_NOISE)}, got {label_noise!r}")
+        self.label_noise = label_noise
         if n_layers < 1:
             raise ModelError(f"the shift detector needs at least one layer, got {n_layers}")
         self.threshold = float(threshold)
@@ -71,13 +91,13 @@ class ShiftDetector(nn.Module):
         self.register_buffer("shifts", torch.zeros((), dtype=torch.long))
         self.register_buffer("label_batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("reports", torch.zeros((), dtype=torch.long))
-        self.register_buffer("scores", torch.zeros(2))
-        self.register_buffer("last_scores", torch.full((2,), float("nan")))
+        self.register_buffer("scores", torch.zeros(3))
+        self.register_buffer("last_scores", torch.full((3,), float("nan")))
 
     def extra_repr(self) -> str:
         return (
             f"shift_threshold={self.threshold:g}, label_threshold={self.label_threshold:g}, "
-            f"layers={self.n_layers}, group={self.n_group}"
+            f"layers={self.n_layers}, group={self.n_group}, label_noise={self.label_noise}"
         )
 
     def begin_batch(self, n: int) -> None:
@@ -91,6 +111,10 @@ class ShiftDetector(nn.Module):
         reset_to = int(self.reset_to)
         return done < reset_to < int(self.batch)
 
+    def wants_input(self, index: int) -> bool:
+        """Whether layer `index` must pass its input to `report` (split-half noise of a deep layer)."""
+        return self.label_noise == "split_half" and index >= self.n_layers - self.n_group and self.n >= 4
+
     @torch.no_grad()
     def report(
         self,
@@ -100,26 +124,55 @@ class ShiftDetector(nn.Module):
         mean: torch.Tensor,
         var: torch.Tensor,
         eps: float,
+        x: torch.Tensor | None = None,
     ) -> None:
-        """Layer `index` (module order) reports its batch moments against its running statistics;
-        after the last layer the next batch's normalisation is decided."""
+        """Layer `index` (module order) reports its batch moments against its running statistics
+        (and its input `x` where `wants_input(index)`); after the last layer the next batch's
+        normalisation is decided."""
         shallow, deep = index < self.n_group, index >= self.n_layers - self.n_group
         if shallow or deep:  # one divergence per layer, also when a short model's groups overlap
             kl = symmetric_kl(mean_b, var_b, mean, var, eps) / self.n_group
             self.scores[0] += kl if shallow else 0.0
             self.scores[1] += kl if deep else 0.0
+        if x is not None and self.wants_input(index):
+            self.scores[2] += split_half_divergence(x, eps) / self.n_group
         self.reports += 1
         if int(self.reports) == self.n_layers:
             self.last_scores.copy_(self.scores)
+            if not self.wants_input(self.n_layers - 1):
+                self.last_scores[2] = float("nan")
             shallow, deep = float(self.scores[0]), float(self.scores[1])
             if self.threshold > 0 and shallow > self.threshold and not bool(self.slow):
                 self.reset_to.copy_(self.batch)
                 self.shifts += 1
             else:
-                # sampling noise alone makes a batch of n samples diverge by about 1/n: the threshold is
-                # per sample (label_threshold / n), so small batches need stronger evidence
-                self.slow.fill_(self.label_threshold > 0 and deep > self.label_threshold / max(1, self.n))
+                self.slow.fill_(self.label_threshold > 0 and deep > self._label_bar())
                 self.label_batches += int(bool(self.slow))
+
+    def _label_bar(self) -> float:
+        """The deep score above which the batch counts as label-shifted (see the module docstring)."""
+        if self.label_noise == "per_sample":
+            # sampling noise alone makes a batch of n samples diverge by about c/n: per sample, so
+            # small batches need stronger evidence
+            return self.label_threshold / max(1, self.n)
+        if not self.wants_input(self.n_layers - 1):  # too few samples to split
+            return math.inf
+        return self.label_threshold * float(self.scores[2])
+
+
+LABEL_NOISE = ("per_sample", "split_half")
+
+
+def split_half_divergence(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """`symmetric_kl` between the per-channel moments of the even and the odd samples of `x`
+    (N, C, ...): the sampling noise of a batch's statistics, in the units of its layer."""
+    dims = [0, *range(2, x.dim())]
+    xf = x.float()
+    a, b = xf[0::2], xf[1::2]
+    ma, mb = a.mean(dims), b.mean(dims)
+    va = ((a * a).mean(dims) - ma**2).clamp_min(0)
+    vb = ((b * b).mean(dims) - mb**2).clamp_min(0)
+    return symmetric_kl(ma, va, mb, vb, eps)
 
 
 def symmetric_kl(
@@ -132,13 +185,15 @@ def symmetric_kl(
     return (0.25 * (v1 / v2 + v2 / v1 - 2) + 0.25 * d2 * (1 / v1 + 1 / v2)).mean()
 
 
-def attach_shift_detector(model: nn.Module, threshold: float, label_threshold: float) -> ShiftDetector | None:
+def attach_shift_detector(
+    model: nn.Module, threshold: float, label_threshold: float, label_noise: str = "per_sample"
+) -> ShiftDetector | None:
     """Give every norm layer of `model` that keeps running test statistics (`attach_detector`) one
     shared detector. None if there are no such layers (e.g. a GroupNorm/LayerNorm model)."""
     layers = [m for m in model.modules() if hasattr(m, "attach_detector")]
     if not layers:
         return None
-    detector = ShiftDetector(threshold, label_threshold, len(layers))
+    detector = ShiftDetector(threshold, label_threshold, len(layers), label_noise=label_noise)
     for i, layer in enumerate(layers):
         layer.attach_detector(detector, i)
     return detector

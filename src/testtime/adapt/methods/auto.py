@@ -90,7 +90,7 @@ from testtime.adapt.components.norm_local import NeighbourStatsNorm, commit_clas
 from testtime.adapt.components.norm_types import NormSupport
 from testtime.adapt.components.passes import Passes, new_tally, per_image
 from testtime.adapt.components.recipe import GradientMethod
-from testtime.adapt.components.shift import attach_shift_detector
+from testtime.adapt.components.shift import LABEL_NOISE, attach_shift_detector
 from testtime.adapt.config import OptimConfig
 from testtime.adapt.registry import register_method
 
@@ -106,6 +106,7 @@ class AutoConfig(OptimConfig):
     test_momentum: float = 0.05
     shift_threshold: float = 0.1
     label_threshold: float = 1.0
+    label_noise: str = "per_sample"
     class_balanced: bool = True
     update_when_label_shifted: bool = False
     loss: str = "slr"
@@ -158,6 +159,7 @@ class AutoConfig(OptimConfig):
                 not self.class_balanced or self.test_momentum < 1,
                 "needs running test statistics (test_momentum < 1)",
             ),
+            ("label_noise", self.label_noise in LABEL_NOISE, f"must be one of {', '.join(LABEL_NOISE)}"),
             ("loss", self.loss in ("slr", "entropy", "none"), "must be slr, entropy or none"),
             ("e_margin", math.isfinite(self.e_margin) and self.e_margin >= 0, "must be >= 0 (0: off)"),
             *roid_checks(self),
@@ -198,7 +200,7 @@ class Auto(GradientMethod):
         super().setup()
         c = self.config
         self.shift_detector = (
-            attach_shift_detector(self.model, c.shift_threshold, c.label_threshold)
+            attach_shift_detector(self.model, c.shift_threshold, c.label_threshold, c.label_noise)
             if c.shift_threshold > 0 or c.label_threshold > 0
             else None
         )
