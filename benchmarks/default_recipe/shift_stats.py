@@ -1,14 +1,19 @@
-"""Round-3 diagnostics (validation only): how far a batch's BatchNorm statistics move from a
-running average, in the first and the last third of the layers, on the full-length validation
-streams, using the *source* model (no adaptation).
+"""Rounds 3 and 5 diagnostics (validation only): how far a batch's BatchNorm statistics move from a
+running average, in the first and the last third of the layers, using the *source* models (no
+adaptation), on the full-length validation streams and (round 5) on the digit network's MNIST
+*training* images (its source domain; no test image of either benchmark).
 
     nice python benchmarks/default_recipe/shift_stats.py [continual_full,correlated_full,...]
+    # round 5: continual_full,mixed_domains_full,correlated_full,mixed_correlated_full,continual_b16,mixed_correlated_l4
+    # (printed output: shift_stats_round5.txt)
 
 Per batch and layer: the symmetric KL divergence (`testtime.adapt.components.shift.symmetric_kl`)
 between the batch's per-channel Gaussians and an exponential average (momentum 0.05) of the
 earlier batches, restarted from the last batch when the first third's mean divergence exceeds
-0.1. Prints percentiles of the last third's mean divergence per stream: it separates i.i.d.
-streams (continual, mixed_domains) from label-correlated ones, which chose `label_threshold`.
+0.1. Prints percentiles (5/25/50/75/95) of the last third's mean divergence per stream in the
+units of both label tests of `ShiftDetector`: times the batch size (`label_noise="per_sample"`,
+round 3's choice of `label_threshold`) and divided by the last third's split-half divergence
+(`label_noise="split_half"`, round 5).
 """
 
 from __future__ import annotations

@@ -5,11 +5,15 @@
 
 Error (%) per column: the recipe's mean ± std over its seeds (its seed count in brackets when
 fewer than 3 have run), every other row its first seed; "·" where a cell has not run yet. Then
-NLL and ECE per column. Nothing here is typed in by hand: every number is read from `cells/`.
+NLL and ECE per column. The error table's last column is the cost, "x inference" (time per image
+over plain inference of the source model, in the same process) from the speed suite run in
+`speed/` (`testtime bench --suite speed -m <the rows> --threads 1`). Nothing here is typed in by
+hand: every number is read from `cells/` and `speed/results.csv`.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 import sys
@@ -48,10 +52,20 @@ def load(results: Path) -> dict[tuple[str, str], dict[int, dict]]:
     return out
 
 
-def table(cells: dict, metric: str, digits: int) -> str:
+def x_inference(results: Path) -> dict[str, float]:
+    """method -> x plain inference, from the speed suite's results in `results/speed/`."""
+    f = results / "speed" / "results.csv"
+    if not f.exists():
+        return {}
+    with f.open() as fh:
+        return {r["method"]: float(r["value"]) for r in csv.DictReader(fh) if r["metric"] == "x_inference"}
+
+
+def table(cells: dict, metric: str, digits: int, cost: dict[str, float] | None = None) -> str:
     columns = [n for n, _ in default_vs_zoo_columns("auto")]
     methods = sorted({m for _, m in cells}, key=lambda m: (ORDER.index(m) if m in ORDER else 99, m))
-    lines = ["| method | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    head = columns + (["x inference"] if cost is not None else [])
+    lines = ["| method | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
     for m in methods:
         row = []
         for col in columns:
@@ -67,6 +81,8 @@ def table(cells: dict, metric: str, digits: int) -> str:
                 )
             else:
                 row.append(f"{vals[0]:.{digits}f}" + (" (1)" if m == DEFAULT_RECIPE else ""))
+        if cost is not None:
+            row.append(f"{cost[m]:.2f}x" if m in cost else "·")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -75,8 +91,9 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--write"]
     results = Path(args[0]) if args else HERE
     cells = load(results)
+    cost = x_inference(results)
     text = "".join(
-        f"### {title}\n\n{table(cells, metric, digits)}\n\n"
+        f"### {title}\n\n{table(cells, metric, digits, cost if metric == 'error' else None)}\n\n"
         for metric, title, digits in (("error", "Error (%)", 1), ("nll", "NLL", 3), ("ece", "ECE (%)", 1))
     )
     print(text, end="")
