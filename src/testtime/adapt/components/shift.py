@@ -24,14 +24,16 @@ measured against the batch's own sampling noise, one of two ways (`label_noise`)
   makes a batch of n samples diverge by about c/n). The constant c depends on the network: about
   0.2 for the BatchNorm2d layers of our CIFAR ResNet-26 (many values per channel, per image), about
   1.3 for the BatchNorm1d layer of the digit network (one value per channel and image, heavy-tailed),
-  so a threshold chosen on one network flags every batch of the other as label-shifted;
+  so a threshold chosen on one network flags about half of the other's i.i.d. batches;
 - ``"split_half"``: deep score > `label_threshold * h`, h the same divergence between the batch's
   two halves (even and odd samples), per deep layer. h measures the batch's sampling noise in the
   units of the network at hand (for i.i.d. batches the ratio deep / h is about 0.3 on both networks
   above), and a batch of few classes is as homogeneous within as an i.i.d. one: only its
   divergence from the running average grows. Costs one more moment pass over the deep third's
-  inputs. A batch of fewer than 4 samples is never judged label-shifted this way. While the stream is label-shifted (slow), a change of domain restarts nothing:
-a restart would start from one batch of few classes, and in validation that bias cost more than
+  inputs. A batch of fewer than 4 samples is never judged label-shifted this way.
+
+While the stream is label-shifted (slow), a change of domain restarts nothing: a restart would
+start from one batch of few classes, and in validation that bias cost more than
 the running average's lag. The running statistics are updated with every batch at the layer's
 slow momentum. A detection costs a few reductions over channels per layer.
 
@@ -51,6 +53,8 @@ import torch
 from torch import nn
 
 from testtime.errors import ModelError
+
+LABEL_NOISE = ("per_sample", "split_half")  # how the label test measures a batch's sampling noise
 
 
 class ShiftDetector(nn.Module):
@@ -158,9 +162,6 @@ class ShiftDetector(nn.Module):
         if not self.wants_input(self.n_layers - 1):  # too few samples to split
             return math.inf
         return self.label_threshold * float(self.scores[2])
-
-
-LABEL_NOISE = ("per_sample", "split_half")
 
 
 def split_half_divergence(x: torch.Tensor, eps: float) -> torch.Tensor:
