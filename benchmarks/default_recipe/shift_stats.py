@@ -31,33 +31,35 @@ from testtime.adapt.components.shift import split_half_divergence, symmetric_kl
 from testtime.bench.experiment import ExecOptions, build_cell_stream, source_model
 
 
-def batch_stats(scenario: str) -> list[list[tuple[torch.Tensor, ...]]]:
-    cell = cell_for("source", scenario)
-    stream = build_cell_stream(cell, ExecOptions(threads=1))
-    model = source_model(cell, torch.device("cpu")).eval()
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+def layer_stats(model: torch.nn.Module, batches) -> list[list[tuple[torch.Tensor, ...]]]:
+    """Per batch, per BatchNorm layer (module order): the input's per-channel mean and biased
+    variance and its split-half divergence, from the source `model` (no adaptation)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     current: list[tuple[torch.Tensor, ...]] = []
-    hooks = [
-        b.register_forward_hook(
-            lambda mod, inp, out: current.append(
-                (
-                    inp[0].float().mean((0, 2, 3)),
-                    inp[0].float().var((0, 2, 3), unbiased=False),
-                    split_half_divergence(inp[0], 1e-5),
-                )
-            )
-        )
-        for b in bns
-    ]
+
+    def hook(mod, inp, out):
+        t = inp[0].float()
+        dims = [0, *range(2, t.dim())]
+        current.append((t.mean(dims), t.var(dims, unbiased=False), split_half_divergence(t, 1e-5)))
+
+    hooks = [b.register_forward_hook(hook) for b in bns]
     out = []
     with torch.no_grad():
-        for batch in stream:
+        for x in batches:
             current.clear()
-            model(batch.x)
+            model(x)
             out.append(list(current))
     for h in hooks:
         h.remove()
     return out
+
+
+def batch_stats(scenario: str) -> list[list[tuple[torch.Tensor, ...]]]:
+    """`layer_stats` of the shipped ResNet-26 over a validation stream of `tune.py`."""
+    cell = cell_for("source", scenario)
+    stream = build_cell_stream(cell, ExecOptions(threads=1))
+    model = source_model(cell, torch.device("cpu")).eval()
+    return layer_stats(model, (batch.x for batch in stream))
 
 
 def scores(rows: list[list[tuple[torch.Tensor, ...]]], batch: int) -> dict[str, np.ndarray]:
@@ -94,24 +96,8 @@ def digit_stats(order: str, batch: int, n_batches: int = 200) -> list[list[tuple
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(y)) if order == "iid" else dirichlet_order(y, 0.1, rng)
     model = load_model("mnist_digitnet").eval()
-    bns = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
-    current: list[tuple[torch.Tensor, ...]] = []
-
-    def hook(mod, inp, out):
-        dims = [0, *range(2, inp[0].dim())]
-        t = inp[0].float()
-        current.append((t.mean(dims), t.var(dims, unbiased=False), split_half_divergence(t, 1e-5)))
-
-    hooks = [b.register_forward_hook(hook) for b in bns]
-    out = []
-    with torch.no_grad():
-        for k in range(min(n_batches, len(idx) // batch)):
-            current.clear()
-            model(x[idx[k * batch : (k + 1) * batch]])
-            out.append(list(current))
-    for h in hooks:
-        h.remove()
-    return out
+    n = min(n_batches, len(idx) // batch)
+    return layer_stats(model, (x[idx[k * batch : (k + 1) * batch]] for k in range(n)))
 
 
 def main() -> None:

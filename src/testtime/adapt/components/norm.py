@@ -52,6 +52,13 @@ class AdaptiveNorm(nn.Module):
         raise NotImplementedError
 
 
+def fast_moments(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased variance and mean over `dims` as E[x^2] - E[x]^2: two plain reductions, which on CPU
+    are several times faster than `torch.var_mean` over several dimensions (channels-last too)."""
+    mean = x.mean(dims)
+    return ((x * x).mean(dims) - mean**2).clamp_min(0), mean
+
+
 class SourceNorm(AdaptiveNorm):
     """Normalise with the source (training) running statistics: the unadapted model."""
 

@@ -52,6 +52,7 @@ import math
 import torch
 from torch import nn
 
+from testtime.adapt.components.norm import AdaptiveNorm, fast_moments
 from testtime.errors import ModelError
 
 LABEL_NOISE = ("per_sample", "split_half")  # how the label test measures a batch's sampling noise
@@ -115,9 +116,13 @@ class ShiftDetector(nn.Module):
         reset_to = int(self.reset_to)
         return done < reset_to < int(self.batch)
 
+    def _splits(self) -> bool:
+        """Whether this batch's label test uses the split-half noise (mode, and at least 4 samples)."""
+        return self.label_noise == "split_half" and self.n >= 4
+
     def wants_input(self, index: int) -> bool:
         """Whether layer `index` must pass its input to `report` (split-half noise of a deep layer)."""
-        return self.label_noise == "split_half" and index >= self.n_layers - self.n_group and self.n >= 4
+        return self._splits() and index >= self.n_layers - self.n_group
 
     @torch.no_grad()
     def report(
@@ -143,7 +148,7 @@ class ShiftDetector(nn.Module):
         self.reports += 1
         if int(self.reports) == self.n_layers:
             self.last_scores.copy_(self.scores)
-            if not self.wants_input(self.n_layers - 1):
+            if not self._splits():
                 self.last_scores[2] = float("nan")
             shallow, deep = float(self.scores[0]), float(self.scores[1])
             if self.threshold > 0 and shallow > self.threshold and not bool(self.slow):
@@ -159,7 +164,7 @@ class ShiftDetector(nn.Module):
             # sampling noise alone makes a batch of n samples diverge by about c/n: per sample, so
             # small batches need stronger evidence
             return self.label_threshold / max(1, self.n)
-        if not self.wants_input(self.n_layers - 1):  # too few samples to split
+        if not self._splits():  # too few samples to split
             return math.inf
         return self.label_threshold * float(self.scores[2])
 
@@ -167,12 +172,10 @@ class ShiftDetector(nn.Module):
 def split_half_divergence(x: torch.Tensor, eps: float) -> torch.Tensor:
     """`symmetric_kl` between the per-channel moments of the even and the odd samples of `x`
     (N, C, ...): the sampling noise of a batch's statistics, in the units of its layer."""
-    dims = [0, *range(2, x.dim())]
+    dims = AdaptiveNorm.reduce_dims(x)
     xf = x.float()
-    a, b = xf[0::2], xf[1::2]
-    ma, mb = a.mean(dims), b.mean(dims)
-    va = ((a * a).mean(dims) - ma**2).clamp_min(0)
-    vb = ((b * b).mean(dims) - mb**2).clamp_min(0)
+    va, ma = fast_moments(xf[0::2], dims)
+    vb, mb = fast_moments(xf[1::2], dims)
     return symmetric_kl(ma, va, mb, vb, eps)
 
 
