@@ -671,3 +671,41 @@ def test_no_gradient_step_on_a_label_shifted_batch(source_model, noisy_stream):
     never(x)
     assert not bool(never.shift_detector.slow) and never.counters()["backward_images"] == BS
     assert any(not torch.equal(p, q) for p, q in zip(p0, params(never)))
+
+
+def test_prediction_diversity_is_one_for_even_classes_and_zero_for_one():
+    from testtime.adapt.components.shift import prediction_diversity
+
+    assert prediction_diversity(torch.arange(10).repeat(20), 10) == pytest.approx(1.0)
+    assert prediction_diversity(torch.full((200,), 3), 10) == 0.0
+    # normalised by log(min(classes, batch)): 4 distinct of 4 samples is as even as it gets
+    assert prediction_diversity(torch.tensor([0, 1, 2, 3]), 10) == pytest.approx(1.0)
+    assert 0 < prediction_diversity(torch.tensor([0] * 8 + [1] * 8), 10) < 0.5
+    assert prediction_diversity(torch.tensor([5]), 10) == 0.0  # one sample: no spread to measure
+
+
+def test_label_diversity_withdraws_the_verdict_for_batches_predicted_over_many_classes(
+    source_model, noisy_stream
+):
+    """label_diversity < 1: a batch the statistics call label-shifted still takes its gradient step
+    (and the next batch its own statistics) when its predictions spread over many classes."""
+    from testtime.adapt.components.shift import ShiftDetector
+
+    det = ShiftDetector(threshold=0.0, label_threshold=1.0, n_layers=1)
+    det.slow.fill_(True)
+    det.label_batches.fill_(1)
+    det.check_predictions(torch.full((200,), 2), 10, 0.5)  # one class: the verdict stands
+    assert bool(det.slow) and int(det.label_batches) == 1
+    det.check_predictions(torch.arange(10).repeat(20), 10, 1.0)  # 1.0: never withdrawn
+    assert bool(det.slow)
+    det.check_predictions(torch.arange(10).repeat(20), 10, 0.5)
+    assert not bool(det.slow) and int(det.label_batches) == 0
+    x = noisy_stream[0][:BS]
+    for diversity, steps in ((1.0, 0), (0.0, BS)):  # 0.0: any two predicted classes withdraw it
+        a = adapt(source_model, "auto", label_threshold=1e-9, label_diversity=diversity)
+        a(x)
+        spread = a.counters()["label_shift_batches"] == 0
+        assert a.counters()["backward_images"] == (steps if spread else 0)
+        assert spread is (diversity == 0.0)
+    with pytest.raises(ConfigError, match="label_diversity"):
+        adapt(source_model, "auto", label_diversity=1.5)

@@ -74,6 +74,13 @@ def _round5(label_threshold: str, **overrides: str) -> tuple[str, dict[str, str]
     return method, {**params, "label_threshold": label_threshold, "label_noise": "split_half", **overrides}
 
 
+def _round6(label_diversity: str, **overrides: str) -> tuple[str, dict[str, str]]:
+    """A round-6 `auto` row: round 5's adopted recipe (`r5_split1.0`) whose label-shift verdict is
+    withdrawn when the batch's predictions spread over many classes (`label_diversity`)."""
+    method, params = _round5("1.0")
+    return method, {**params, "label_diversity": label_diversity, **overrides}
+
+
 # label -> (method, overrides). Baselines first, then the recipe's candidates (an ablation around
 # the current default rather than a grid). Appended to, never edited, as tuning proceeds.
 CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
@@ -205,6 +212,10 @@ CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
     # transfers to other networks; thresholds from shift_stats.py's validation percentiles (README)
     "auto:r5_split1.0": _round5("1.0"),
     "auto:r5_split2.0": _round5("2.0"),
+    # round 6: a label-shift verdict needs predictions concentrated on few classes too; thresholds
+    # from label_diversity.py's validation percentiles (README)
+    "auto:r6_div0.8": _round6("0.8"),
+    "auto:r6_div0.9": _round6("0.9"),
     # ablation, run after the defaults were fixed (a report, not a choice): the recipe minus one part
     "ablate:no_source_blend": ("auto", {"prior_correction": "True"}),
     "ablate:no_loss": ("auto", {"loss": "none", "source_weight": "0.6667", "prior_correction": "True"}),
@@ -243,6 +254,7 @@ REFERENCE = {
     "class_balanced": "False",  # added in round 4
     "update_when_label_shifted": "True",
     "label_noise": "per_sample",  # added in round 5
+    "label_diversity": "1.0",  # added in round 6 (1.0: off, as every earlier row ran)
 }
 
 

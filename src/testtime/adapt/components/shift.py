@@ -158,6 +158,19 @@ class ShiftDetector(nn.Module):
                 self.slow.fill_(self.label_threshold > 0 and deep > self._label_bar())
                 self.label_batches += int(bool(self.slow))
 
+    @torch.no_grad()
+    def check_predictions(self, predicted: torch.Tensor, n_classes: int, max_diversity: float) -> None:
+        """After the forward pass: withdraw this batch's label-shift verdict when its `predicted`
+        classes are spread too evenly to be a batch of few classes (diversity, the entropy of their
+        histogram over log(min(n_classes, batch size)), above `max_diversity`; 1.0: never)."""
+        if (
+            bool(self.slow)
+            and max_diversity < 1.0
+            and prediction_diversity(predicted, n_classes) > max_diversity
+        ):
+            self.slow.fill_(False)
+            self.label_batches -= 1
+
     def _label_bar(self) -> float:
         """The deep score above which the batch counts as label-shifted (see the module docstring)."""
         if self.label_noise == "per_sample":
@@ -167,6 +180,17 @@ class ShiftDetector(nn.Module):
         if not self._splits():  # too few samples to split
             return math.inf
         return self.label_threshold * float(self.scores[2])
+
+
+def prediction_diversity(predicted: torch.Tensor, n_classes: int) -> float:
+    """Entropy of the histogram of the class indices `predicted`, divided by its largest possible
+    value log(min(n_classes, len(predicted))): 1 for classes spread evenly, 0 for one class."""
+    n = predicted.numel()
+    if n < 2 or n_classes < 2:
+        return 0.0
+    p = torch.bincount(predicted.flatten(), minlength=n_classes).float() / n
+    p = p[p > 0]
+    return float(-(p * p.log()).sum()) / math.log(min(n_classes, n))
 
 
 def split_half_divergence(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -109,6 +109,7 @@ class AutoConfig(OptimConfig):
     shift_threshold: float = 0.1
     label_threshold: float = 1.0
     label_noise: str = "split_half"
+    label_diversity: float = 1.0
     class_balanced: bool = True
     update_when_label_shifted: bool = False
     loss: str = "slr"
@@ -162,6 +163,11 @@ class AutoConfig(OptimConfig):
                 "needs running test statistics (test_momentum < 1)",
             ),
             ("label_noise", self.label_noise in LABEL_NOISE, f"must be one of {', '.join(LABEL_NOISE)}"),
+            (
+                "label_diversity",
+                math.isfinite(self.label_diversity) and 0 <= self.label_diversity <= 1,
+                "must be in [0, 1] (1: the statistics' test alone)",
+            ),
             ("loss", self.loss in ("slr", "entropy", "none"), "must be slr, entropy or none"),
             ("e_margin", math.isfinite(self.e_margin) and self.e_margin >= 0, "must be >= 0 (0: off)"),
             *roid_checks(self),
@@ -215,6 +221,10 @@ class Auto(GradientMethod):
         n = x.shape[0]
         for _ in range(cfg.steps):
             logits = self.model(x)
+            if self.shift_detector is not None and cfg.label_diversity < 1:
+                self.shift_detector.check_predictions(
+                    logits.detach().argmax(1), logits.shape[1], cfg.label_diversity
+                )
             if cfg.class_balanced:  # the running statistics learn which classes this batch held
                 commit_class_stats(self.model, logits.detach().argmax(1))
             if cfg.loss == "none":
