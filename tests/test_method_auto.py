@@ -177,6 +177,18 @@ def test_norm_only_and_prior_correction_switches(source_model, noisy_stream):
     assert not changed and frozen.counters()["backward_images"] == 0
     corrected = adapt(source_model, "auto", loss="none", prior_correction=True)
     torch.testing.assert_close(corrected(x), prior_correction(out), rtol=1e-5, atol=1e-5)
+    rescaled = adapt(source_model, "auto", loss="none", prior_correction=True, prior_rescale=True)
+    y = rescaled(x)  # the same predictions, logits C times ROID's
+    torch.testing.assert_close(y, prior_correction(out) * out.shape[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(y.argmax(1), prior_correction(out).argmax(1))
+
+
+def test_rescaled_prior_correction_keeps_logits_for_an_even_prior():
+    logits = torch.randn(20, 10)
+    even = torch.cat([logits, logits.roll(1, 1), logits.roll(2, 1), logits.roll(3, 1), logits.roll(4, 1)])
+    even = torch.cat([even, even.roll(5, 1)])  # every class in every position: batch-mean softmax uniform
+    torch.testing.assert_close(prior_correction(even, rescale=True), even, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prior_correction(even), even / 10, rtol=1e-5, atol=1e-5)
 
 
 def test_reset_restores_bit_for_bit(source_model, noisy_stream):

@@ -81,6 +81,13 @@ def _round6(label_diversity: str, **overrides: str) -> tuple[str, dict[str, str]
     return method, {**params, "label_diversity": label_diversity, **overrides}
 
 
+def _round7(base: str) -> tuple[str, dict[str, str]]:
+    """A round-7 `auto` row: the `base` row's recipe with its prior-corrected outputs rescaled."""
+    method, params = CONFIGS[base]
+    assert params is not None
+    return method, {**params, "prior_rescale": "True"}
+
+
 # label -> (method, overrides). Baselines first, then the recipe's candidates (an ablation around
 # the current default rather than a grid). Appended to, never edited, as tuning proceeds.
 CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
@@ -216,6 +223,14 @@ CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
     # from label_diversity.py's validation percentiles (README)
     "auto:r6_div0.8": _round6("0.8"),
     "auto:r6_div0.9": _round6("0.9"),
+}
+CONFIGS |= {
+    # round 7: the prior correction's outputs rescaled to the model's own scale (calibration);
+    # only the row on the recipe adopted in round 6 is run
+    f"auto:r7_rescale_{base}": _round7(f"auto:{base}")
+    for base in ("r5_split1.0", "r6_div0.8", "r6_div0.9")
+}
+CONFIGS |= {
     # ablation, run after the defaults were fixed (a report, not a choice): the recipe minus one part
     "ablate:no_source_blend": ("auto", {"prior_correction": "True"}),
     "ablate:no_loss": ("auto", {"loss": "none", "source_weight": "0.6667", "prior_correction": "True"}),
@@ -255,6 +270,7 @@ REFERENCE = {
     "update_when_label_shifted": "True",
     "label_noise": "per_sample",  # added in round 5
     "label_diversity": "1.0",  # added in round 6 (1.0: off, as every earlier row ran)
+    "prior_rescale": "False",  # added in round 7
 }
 
 
@@ -284,6 +300,7 @@ def summarise(label: str, scenario: str, payload: dict) -> dict:
     rows = payload["rows"]
     err = {r["corruption"]: r["value"] for r in rows if r["metric"] == "error" and r["corruption"] != "all"}
     allrows = {r["metric"]: r["value"] for r in rows if r["corruption"] == "all"}
+    means = {r["metric"]: r["value"] for r in rows if r["corruption"] == "mean"}
     method, overrides = CONFIGS[label]
     return {
         "label": label,
@@ -297,10 +314,13 @@ def summarise(label: str, scenario: str, payload: dict) -> dict:
         "n_per_domain": SCENARIOS[scenario][3],
         **{c: round(err[c], 2) if c in err else "" for c in VALIDATION_CORRUPTIONS},
         "mean_error": round(err["mean"], 2),
+        "nll": round(means["nll"], 3) if "nll" in means else "",
+        "ece": round(means["ece"], 2) if "ece" in means else "",
         "seconds": round(payload.get("seconds", 0.0), 1),
         "fwd_per_img": round(allrows.get("forward_per_image", float("nan")), 2),
         "bwd_per_img": round(allrows.get("backward_per_image", float("nan")), 2),
         "restores": allrows.get("n_restores", allrows.get("restores", "")),
+        "label_shift_batches": allrows.get("n_label_shift_batches", ""),
     }
 
 

@@ -121,13 +121,18 @@ def certainty_diversity_weights(
     return weights, keep
 
 
-def prior_correction(logits: torch.Tensor) -> torch.Tensor:
+def prior_correction(logits: torch.Tensor, rescale: bool = False) -> torch.Tensor:
     """ROID's prior correction: scale the outputs by the smoothed batch label prior.
 
     As in the official code the (logit) outputs are multiplied by the smoothed prior
-    `(p + s) / (1 + s C)` with `s = max(1/N, 1/C) / max(p)` and p the batch-mean softmax.
+    `(p + s) / (1 + s C)` with `s = max(1/N, 1/C) / max(p)` and p the batch-mean softmax. Those
+    factors sum to 1 over the C classes, so they also shrink every logit about C-fold (softmax
+    probabilities near 1/C: high NLL and calibration error). `rescale=True` multiplies the factors
+    by C (mean 1; an even prior leaves the logits as they are): the same predictions, probabilities
+    on the model's own scale. Our addition, not ROID's.
     """
     n, c = logits.shape
     prior = logits.softmax(1).mean(0)
     smooth = max(1.0 / n, 1.0 / c) / prior.max()
-    return logits * ((prior + smooth) / (1 + smooth * c))
+    factors = (prior + smooth) / (1 + smooth * c)
+    return logits * (factors * c if rescale else factors)

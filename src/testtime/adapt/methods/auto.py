@@ -119,6 +119,7 @@ class AutoConfig(OptimConfig):
     e_margin: float = 0.0
     momentum_src: float = 0.99
     prior_correction: bool = True
+    prior_rescale: bool = False
     slr_clip: float = 0.99
     slr_eps: float = 1e-5
 
@@ -252,7 +253,7 @@ class Auto(GradientMethod):
             self.backward_and_step((per_sample * weights)[keep].sum() / n, n)
             self.tally["stepped"] += n
             self.source_weights.ensemble_(self.params, cfg.momentum_src)
-        return prior_correction(logits) if cfg.prior_correction else logits
+        return prior_correction(logits, cfg.prior_rescale) if cfg.prior_correction else logits
 
     def _label_shifted(self) -> bool:
         """Whether the shift detector found this batch label-shifted (its deep statistics far from
