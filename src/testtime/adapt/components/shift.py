@@ -32,6 +32,11 @@ measured against the batch's own sampling noise, one of two ways (`label_noise`)
   divergence from the running average grows. Costs one more moment pass over the deep third's
   inputs. A batch of fewer than 4 samples is never judged label-shifted this way.
 
+The statistics alone also call some i.i.d. batches label-shifted (a domain shift that moves the
+deep layers more than the first ones reads the same way until the running average catches up). A
+method that has the batch's predictions can withdraw the verdict (`check_predictions`): a batch of
+few classes has its predictions concentrated on few classes, an i.i.d. batch spread over all.
+
 While the stream is label-shifted (slow), a change of domain restarts nothing: a restart would
 start from one batch of few classes, and in validation that bias cost more than
 the running average's lag. The running statistics are updated with every batch at the layer's
