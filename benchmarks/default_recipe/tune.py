@@ -244,6 +244,31 @@ CONFIGS |= {
         {"source_weight": "0.6667", "prior_correction": "True", "use_weighting": "False"},
     ),
 }
+FINAL = "auto:r7_rescale_r6_div0.9"  # the adopted recipe (round 7)
+
+
+def _ablate(**overrides: str) -> tuple[str, dict[str, str]]:
+    """The adopted recipe (`FINAL`) with one part removed (`overrides`)."""
+    method, params = CONFIGS[FINAL]
+    assert params is not None
+    return method, {**params, **overrides}
+
+
+CONFIGS |= {
+    # ablation of the final recipe (a report, not a choice). Two of its rows are earlier labels:
+    # without the prediction check = auto:r7_rescale_r5_split1.0, without the rescale = auto:r6_div0.9
+    "ablate7:no_source_blend": _ablate(source_weight="0"),
+    "ablate7:no_running_stats": _ablate(
+        test_momentum="1", shift_threshold="0", label_threshold="0", class_balanced="False"
+    ),
+    "ablate7:no_class_balance": _ablate(class_balanced="False"),
+    "ablate7:steps_when_label_shifted": _ablate(update_when_label_shifted="True"),
+    "ablate7:per_sample_label_test": _ablate(label_noise="per_sample"),
+    "ablate7:no_loss": _ablate(loss="none"),
+    "ablate7:no_weighting": _ablate(use_weighting="False"),
+    "ablate7:no_ensembling": _ablate(momentum_src="1.0"),
+    "ablate7:no_prior_correction": _ablate(prior_correction="False"),
+}
 
 
 # Every `auto` cell passes all of these explicitly (then the label's own overrides), so a cell means
