@@ -30,22 +30,22 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tune import SCENARIOS
+from shift_stats import mnist_train_batches
+from tune import cell_for
 
 from testtime.adapt import adapt
 from testtime.adapt.components.shift import prediction_diversity
 from testtime.bench.experiment import ExecOptions, build_cell_stream, source_model
-from testtime.bench.runner import Cell
-from testtime.data.corruptions import VALIDATION_CORRUPTIONS
 
 ROUND5 = {
     "label_threshold": 1.0,
     "label_noise": "split_half",
     "label_diversity": 1.0,
-}  # pinned: the recipe this round starts from
+    "prior_rescale": False,
+}  # pinned: the recipe this round starts from (the library's defaults after round 5)
 
 
-def run(model: torch.nn.Module, batches, n_classes: int, cache: str | None = None) -> dict[str, np.ndarray]:
+def run(model: torch.nn.Module, batches, n_classes: int) -> dict[str, np.ndarray]:
     """`auto` (round 5) over `batches` of (x, y): per batch label-shifted?, pred and true diversity."""
     adapted = adapt(model, "auto", seed=0, **ROUND5)
     captured: list[torch.Tensor] = []
@@ -62,47 +62,23 @@ def run(model: torch.nn.Module, batches, n_classes: int, cache: str | None = Non
 
 
 def cifar(scenario: str, cache: str | None) -> dict[str, np.ndarray]:
-    name, options, batch, n_per_domain = SCENARIOS[scenario]
-    cell = Cell(
-        method="auto",
-        scenario=name,
-        seed=0,
-        dataset="cifar10",
-        severity=5,
-        batch_size=batch,
-        scenario_options=options,
-        corruptions=VALIDATION_CORRUPTIONS,
-        n_per_domain=n_per_domain,
-        data="embedded" if n_per_domain else "auto",
-    )
+    """The shipped ResNet-26 over a validation stream of `tune.py` (the source row's stream: a
+    stream does not depend on the method)."""
+    cell = cell_for("source", scenario)
     stream = build_cell_stream(cell, ExecOptions(threads=1, cache_dir=cache))
     model = source_model(cell, torch.device("cpu"))
     return run(model, ((b.x, b.y) for b in stream), 10)
 
 
 def digits(order: str, batch: int, n_batches: int = 150) -> dict[str, np.ndarray]:
-    """The digit network on MNIST training images: "iid", "dirichlet" (delta 0.1) or "thick"
-    (i.i.d., strokes dilated by a 3x3 max filter: a domain shift held out from the test's USPS)."""
-    from testtime.data.digits import load_digits
-    from testtime.data.streams import dirichlet_order
+    """The digit network on `shift_stats.mnist_train_batches`: "iid", "dirichlet" (delta 0.1) or
+    "thick" (i.i.d., strokes dilated by a 3x3 max filter: a domain shift held out from the test's USPS)."""
     from testtime.models.zoo import load_model
 
-    data = load_digits("mnist", "train")
-    x = torch.as_tensor(np.asarray(data.x)).permute(0, 3, 1, 2).float() / 255
-    y = torch.as_tensor(np.asarray(data.y)).long()
-    rng = np.random.default_rng(0)
-    idx = dirichlet_order(y.numpy(), 0.1, rng) if order == "dirichlet" else rng.permutation(len(y))
-    n = min(n_batches, len(idx) // batch)
-
-    def batches():
-        for k in range(n):
-            sel = torch.as_tensor(idx[k * batch : (k + 1) * batch])
-            xb = x[sel]
-            if order == "thick":
-                xb = F.max_pool2d(xb, 3, stride=1, padding=1)
-            yield xb, y[sel]
-
-    return run(load_model("mnist_digitnet"), batches(), 10)
+    batches = mnist_train_batches("dirichlet" if order == "dirichlet" else "iid", batch, n_batches)
+    if order == "thick":
+        batches = ((F.max_pool2d(x, 3, stride=1, padding=1), y) for x, y in batches)
+    return run(load_model("mnist_digitnet"), batches, 10)
 
 
 def main() -> None:

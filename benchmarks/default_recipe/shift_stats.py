@@ -83,21 +83,29 @@ def scores(rows: list[list[tuple[torch.Tensor, ...]]], batch: int) -> dict[str, 
     return {"per_sample": deep_a * batch, "split_half": deep_a / half_a}
 
 
-def digit_stats(order: str, batch: int, n_batches: int = 200) -> list[list[tuple[torch.Tensor, ...]]]:
-    """The shipped digit network on the MNIST *training* images (its source domain; no test image),
-    i.i.d. (`order="iid"`) or label-correlated (Dirichlet delta 0.1, as the test scenarios)."""
+def mnist_train_batches(order: str, batch: int, n_batches: int):
+    """(x, y) batches of the MNIST *training* images (the digit network's source domain; no test
+    image): i.i.d. (`order="iid"`) or label-correlated (`"dirichlet"`: delta 0.1, as the test
+    scenarios), at most `n_batches` of `batch` images."""
     from testtime.data.digits import load_digits
     from testtime.data.streams import dirichlet_order
-    from testtime.models.zoo import load_model
 
     data = load_digits("mnist", "train")
     x = torch.as_tensor(np.asarray(data.x)).permute(0, 3, 1, 2).float() / 255
     y = np.asarray(data.y)
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(y)) if order == "iid" else dirichlet_order(y, 0.1, rng)
+    for k in range(min(n_batches, len(idx) // batch)):
+        sel = idx[k * batch : (k + 1) * batch]
+        yield x[sel], torch.as_tensor(y[sel]).long()
+
+
+def digit_stats(order: str, batch: int, n_batches: int = 200) -> list[list[tuple[torch.Tensor, ...]]]:
+    """`layer_stats` of the shipped digit network over `mnist_train_batches`."""
+    from testtime.models.zoo import load_model
+
     model = load_model("mnist_digitnet").eval()
-    n = min(n_batches, len(idx) // batch)
-    return layer_stats(model, (x[idx[k * batch : (k + 1) * batch]] for k in range(n)))
+    return layer_stats(model, (x for x, _ in mnist_train_batches(order, batch, n_batches)))
 
 
 def main() -> None:

@@ -231,12 +231,11 @@ class Auto(GradientMethod):
         n = x.shape[0]
         for _ in range(cfg.steps):
             logits = self.model(x)
+            predicted = logits.detach().argmax(1)
             if self.shift_detector is not None and cfg.label_diversity < 1:
-                self.shift_detector.check_predictions(
-                    logits.detach().argmax(1), logits.shape[1], cfg.label_diversity
-                )
+                self.shift_detector.check_predictions(predicted, logits.shape[1], cfg.label_diversity)
             if cfg.class_balanced:  # the running statistics learn which classes this batch held
-                commit_class_stats(self.model, logits.detach().argmax(1))
+                commit_class_stats(self.model, predicted)
             if cfg.loss == "none":
                 continue
             weights = torch.ones(n, device=x.device)
