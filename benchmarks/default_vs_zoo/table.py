@@ -3,8 +3,9 @@
     python benchmarks/default_vs_zoo/table.py [RESULTS_DIR]   # default: this folder
     python benchmarks/default_vs_zoo/table.py --write         # also rewrite the tables in the READMEs
 
-Error (%) per column: the recipe's mean ± std over its seeds (its seed count in brackets when
-fewer than 3 have run), every other row its first seed; "·" where a cell has not run yet. Then
+Error (%) per column: the mean ± std over the seeds that ran (the seed count in brackets when 2;
+the recipe's single seed marked "(1)"), otherwise the one seed's value; "·" where a cell has not
+run yet. Then
 NLL and ECE per column. The error table's last column is the cost, "x inference" (time per image
 over plain inference of the source model, in the same process) from the speed suite run in
 `speed/` (`testtime bench --suite speed -m <the rows> --threads 1`). Nothing here is typed in by
@@ -73,7 +74,7 @@ def table(cells: dict, metric: str, digits: int, cost: dict[str, float] | None =
             vals = [v for s in sorted(seeds) if (v := _value(seeds[s], metric)) is not None]
             if not vals:
                 row.append("·")
-            elif m == DEFAULT_RECIPE and len(vals) > 1:
+            elif len(vals) > 1:
                 sd = statistics.stdev(vals)
                 row.append(
                     f"{statistics.mean(vals):.{digits}f} ± {sd:.{digits}f}"
