@@ -16,7 +16,7 @@ import json
 import statistics
 import sys
 
-from tune import CONFIGS, FINAL, HERE, summarise
+from tune import CONFIGS, FINAL, cell_file, summarise
 
 STREAMS = ["continual_full", "mixed_domains_full", "correlated_full", "mixed_correlated_full"]
 EXTRA = ["continual_b16"]  # shown, not in the mean (500 embedded images per corruption)
@@ -37,7 +37,7 @@ ROWS = [
 
 
 def cell(label: str, scenario: str) -> dict | None:
-    f = HERE / "cells" / f"{label.replace(':', '_')}__{scenario}.json"
+    f = cell_file(label, scenario)
     return summarise(label, scenario, json.loads(f.read_text())) if f.exists() else None
 
 

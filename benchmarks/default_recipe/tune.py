@@ -349,11 +349,16 @@ def summarise(label: str, scenario: str, payload: dict) -> dict:
     }
 
 
+def cell_file(label: str, scenario: str, cells_dir: Path = HERE / "cells") -> Path:
+    """Where the finished (label, scenario) cell is kept (':' as '_')."""
+    return cells_dir / f"{label.replace(':', '_')}__{scenario}.json"
+
+
 def write_csv(cells_dir: Path) -> None:
     out = []
     for label in CONFIGS:
         for scenario in SCENARIOS:
-            f = cells_dir / f"{label.replace(':', '_')}__{scenario}.json"
+            f = cell_file(label, scenario, cells_dir)
             if f.exists():
                 out.append(summarise(label, scenario, json.loads(f.read_text())))
     if not out:
@@ -378,7 +383,7 @@ def main() -> None:
     opts = ExecOptions(threads=1, cache_dir=args.cache_dir)
     for label in labels:
         for scenario in args.scenarios.split(","):
-            f = cells_dir / f"{label.replace(':', '_')}__{scenario}.json"
+            f = cell_file(label, scenario, cells_dir)
             if f.exists():
                 continue
             t0 = time.perf_counter()
