@@ -524,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--scenario", "-s", default="continual", help="see `testtime scenarios`")
     r.add_argument(
-        "--delta", type=float, help="Dirichlet concentration of correlated scenarios (default 0.1)"
+        "--delta",
+        type=float,
+        help="Dirichlet concentration of correlated scenarios (default 0.1; 0: sorted by class label)",
     )
     r.add_argument(
         "--levels",

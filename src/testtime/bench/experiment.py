@@ -28,7 +28,7 @@ from rich.table import Table
 from testtime.adapt.base import AdaptedModel
 from testtime.adapt.config import with_overrides
 from testtime.adapt.registry import adapt, get_method, list_methods
-from testtime.bench.report import load_rows, render
+from testtime.bench.report import group_label, load_rows, render, several_models
 from testtime.bench.runner import (
     PARTIAL_DIR,
     Cell,
@@ -63,8 +63,9 @@ from testtime.data.streams import (
 from testtime.device import describe_device, select_device
 from testtime.errors import ConfigError, DataError
 from testtime.models.zoo import (
-    DEFAULT_MODEL,
+    DEFAULT_MODELS,
     SHIPPED,
+    cell_model_name,
     is_known_model,
     known_models_hint,
     load_model,
@@ -81,13 +82,6 @@ DATASETS = {
     "--subset FILE for a list of images such as RobustBench's 5,000)",
     "mnist_usps": "MNIST-trained model tested on USPS (all 9,298 digits), a real shift",
     "usps_mnist": "USPS-trained model tested on MNIST (10,000 test digits), a real shift",
-}
-DEFAULT_MODELS = {
-    "cifar10": DEFAULT_MODEL,
-    "cifar100": "robustbench:cifar100:Hendrycks2020AugMix_ResNeXt",
-    "imagenet_c": "torchvision:resnet50",
-    "mnist_usps": "mnist_digitnet",
-    "usps_mnist": "usps_digitnet",
 }
 MODEL_DATASETS = {  # the training set a model must come from, per test dataset
     "cifar10": "cifar10",
@@ -225,7 +219,7 @@ def validate_cell(cell: Cell) -> None:
         )
     if cell.model_path is not None and not Path(cell.model_path).is_file():
         raise ConfigError(f"weights file not found: {cell.model_path} (--model-path)")
-    name = cell.model or DEFAULT_MODELS.get(cell.dataset, DEFAULT_MODEL)
+    name = cell_model_name(cell.dataset, cell.model)
     if cell.model_path is None and not is_known_model(name):
         raise ConfigError(f"unknown model {name!r}; {known_models_hint()}")
     if is_known_model(name) and not (cell.model_path and cell.arch):  # --arch: the user's own model
@@ -360,7 +354,7 @@ def source_data(cell: Cell) -> ImageSet | None:
 
 
 def source_model(cell: Cell, device: torch.device) -> torch.nn.Module:
-    name = cell.model or DEFAULT_MODELS.get(cell.dataset, DEFAULT_MODEL)
+    name = cell_model_name(cell.dataset, cell.model)
     key = (name, cell.model_path, cell.arch, str(device))
     if key not in _MODELS:
         m = load_model(name, cell.model_path, cell.arch)
@@ -515,7 +509,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None) -> Path:
     for c in {(c.model, c.model_path, c.arch): c for c in cells}.values():
         # a mismatched local weights file fails here, before any data; a model still to be
         # downloaded loads later, after the (cheap) data checks
-        if c.model_path is not None or (c.model or DEFAULT_MODELS.get(c.dataset, DEFAULT_MODEL)) in SHIPPED:
+        if c.model_path is not None or cell_model_name(c.dataset, c.model) in SHIPPED:
             source_model(c, device)
     data = domain_data(cells[0], cfg.exec.cache_dir, console.log)
     for c in cells:  # corruption names and scenario options (e.g. --delta) fail here, before corrupting
@@ -582,16 +576,17 @@ def print_error_table(out_dir: Path, console: Console) -> None:
 
 
 def _print_metric_table(rows: list[dict[str, Any]], out_dir: Path, console: Console) -> None:
-    groups = list(dict.fromkeys((r.get("dataset", ""), r["scenario"]) for r in rows))
+    with_model = several_models(rows)
+    groups = list(dict.fromkeys(group_label(r, with_model) for r in rows))
     for group in groups:
-        sub = [r for r in rows if (r.get("dataset", ""), r["scenario"]) == group]
+        sub = [r for r in rows if group_label(r, with_model) == group]
         corrs = [*dict.fromkeys(r["corruption"] for r in sub if r["corruption"] != "mean"), "mean"]
         methods = list(dict.fromkeys(r["method"] for r in sub))
         vals: dict[tuple[str, str], list[float]] = {}
         for r in sub:
             vals.setdefault((r["method"], r["corruption"]), []).append(float(r["value"]))
         kind = "error %" if sub[0]["metric"] == "error" else "error % per round"
-        t = Table(title=f"{kind} — {group[0]} {group[1]}")  # the path is printed after, unbroken
+        t = Table(title=f"{kind} — {group}")  # the path is printed after, unbroken
         t.add_column("domain")
         for m in methods:
             t.add_column(m, justify="right")

@@ -1,6 +1,7 @@
 """Report plots (matplotlib, optional): error over the stream, per-corruption bars, reliability.
 
-Each figure has one panel per setting (dataset, scenario, batch size, severity); a method keeps
+Each figure has one panel per setting (dataset, scenario and its options, batch size, severity, and
+the model when the cells hold several); a method keeps
 its colour across panels and appears once in the figure legend. Stream plots show the lowest seed.
 """
 
@@ -13,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from testtime.bench.report import cell_setting
+
 
 def _plt():
     import matplotlib
@@ -23,22 +26,26 @@ def _plt():
     return plt
 
 
-def _setting(cell: dict[str, Any]) -> str:
+def _setting(cell: dict[str, Any], with_model: bool = False) -> str:
     c = cell["cell"]
     sev = (
         f", severity {c['severity']}"
         if c.get("dataset", "cifar10") == "cifar10" and c.get("severity")
         else ""
     )
-    return f"{c.get('dataset', 'cifar10')} {c['scenario']} (batch {c['batch_size']}{sev})"
+    setting = cell_setting(c)
+    opts = f" {setting['options']}" if setting["options"] else ""
+    model = f", {setting['model']}" if with_model else ""
+    return f"{c.get('dataset', 'cifar10')} {c['scenario']}{opts} (batch {c['batch_size']}{sev}{model})"
 
 
 def _facets(cells: list[dict[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Cells grouped by setting (first-seen order) and a stable colour per method."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     methods: list[str] = []
+    with_model = len({cell_setting(c["cell"])["model"] for c in cells}) > 1
     for cell in cells:
-        groups[_setting(cell)].append(cell)
+        groups[_setting(cell, with_model)].append(cell)
         if cell["cell"]["method"] not in methods:
             methods.append(cell["cell"]["method"])
     plt = _plt()

@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from testtime.errors import DataError
+from testtime.models.zoo import cell_model_name
 from testtime.precision import precision_label
 from testtime.utils import atomic_write_text
 
-TIDY_COLUMNS = (
+REQUIRED_COLUMNS = (
     "dataset",
     "method",
     "scenario",
@@ -27,6 +28,20 @@ TIDY_COLUMNS = (
     "metric",
     "value",
 )
+# options: the scenario's options (e.g. "delta=0.01"); model: the source model (name or weights file).
+# A results.csv written before these existed still loads (they read as "").
+SETTING_COLUMNS = ("options", "model")
+TIDY_COLUMNS = (*REQUIRED_COLUMNS, *SETTING_COLUMNS)
+
+
+def cell_setting(cell: dict[str, Any]) -> dict[str, str]:
+    """The `options` and `model` of a cell (its `asdict` or its JSON), as the tidy rows record them."""
+    if "options" in cell:  # a record rebuilt from tidy rows (cells_from_rows)
+        return {"options": str(cell["options"] or ""), "model": str(cell.get("model") or "")}
+    opts = cell.get("scenario_options") or ()
+    pairs = sorted(opts.items() if isinstance(opts, dict) else (tuple(p) for p in opts))
+    model = cell.get("model_path") or cell_model_name(cell.get("dataset", "cifar10"), cell.get("model"))
+    return {"options": " ".join(f"{k}={v}" for k, v in pairs), "model": str(model)}
 
 
 def load_cells(out_dir: Path) -> list[dict[str, Any]]:
@@ -36,9 +51,14 @@ def load_cells(out_dir: Path) -> list[dict[str, Any]]:
     cells = []
     for p in sorted(cells_dir.glob("*.json")):
         try:
-            cells.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{p}: unreadable result file ({e})") from e
+            cell = json.loads(p.read_text())
+            setting = cell_setting(cell["cell"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{p}: unreadable result file ({e!r})") from e
+        for r in cell.get("rows", []):  # cells written before rows carried their setting
+            for k, v in setting.items():
+                r.setdefault(k, v)
+        cells.append(cell)
     order: list[str] = []
     cfg_path = Path(out_dir) / "config.json"
     if cfg_path.exists():
@@ -60,7 +80,7 @@ def load_rows(out_dir: Path) -> list[dict[str, Any]]:
         raise DataError(f"{out_dir}: neither cells/ nor results.csv found")
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in TIDY_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(
                 f"{csv_path}: not a testtime results CSV (missing column(s) {', '.join(missing)})"
@@ -68,6 +88,8 @@ def load_rows(out_dir: Path) -> list[dict[str, Any]]:
         rows = list(reader)
     try:
         for r in rows:
+            for k in SETTING_COLUMNS:
+                r[k] = r.get(k) or ""
             r["value"] = float(r["value"])
             r["severity"], r["seed"], r["batch_size"] = (
                 int(r["severity"]),
@@ -82,22 +104,26 @@ def load_rows(out_dir: Path) -> list[dict[str, Any]]:
 def cells_from_rows(rows: list[dict[str, Any]], trace_path: Path | None = None) -> list[dict[str, Any]]:
     """Cell-like records (as in cells/) rebuilt from tidy rows, for reports from a results.csv alone;
     with `trace_path` (a trace.csv), each gets its per-batch errors where the CSV identifies it."""
+    fields = ("dataset", "method", "scenario", "seed", "batch_size", "options", "model")
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in rows:
-        key = (r.get("dataset", ""), r["method"], r["scenario"], r["seed"], r["batch_size"])
+        key = tuple(r.get(k, "") for k in fields)
         if key not in groups:
-            cell = dict(zip(("dataset", "method", "scenario", "seed", "batch_size"), key, strict=True))
+            cell = dict(zip(fields, key, strict=True))
             groups[key] = {"cell": {**cell, "severity": r["severity"]}, "rows": [], "trace": [], "extra": {}}
         groups[key]["rows"].append(r)
         if r["corruption"] == "mean":
             groups[key]["cell"]["severity"] = r["severity"]
     if trace_path is not None and trace_path.is_file():
-        by_run: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+        by_run: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
         for k, c in groups.items():
-            by_run[(k[1], k[2], k[3])].append(c)
+            by_run[(k[1], k[2], k[3], k[5], k[6])].append(c)
         with open(trace_path, newline="") as f:
             for t in csv.DictReader(f):
-                match = by_run.get((t.get("method", ""), t.get("scenario", ""), int(t.get("seed") or 0)), [])
+                key = (t.get("method", ""), t.get("scenario", ""), int(t.get("seed") or 0))
+                match = by_run.get((*key, t.get("options", ""), t.get("model", "")), [])
+                if not match and "model" not in t:  # a trace.csv from before the setting columns
+                    match = [c for k, cs in by_run.items() if k[:3] == key for c in cs]
                 if len(match) == 1:  # trace.csv has no dataset/batch column: only unambiguous runs
                     match[0]["trace"].append({"domain": t["domain"], "error": float(t["error"])})
     return list(groups.values())
@@ -123,9 +149,17 @@ def mean_std(values: list[float], digits: int = 1) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
-def _group(r: dict[str, Any]) -> str:
+def several_models(rows: list[dict[str, Any]]) -> bool:
+    return len({r.get("model", "") for r in rows}) > 1
+
+
+def group_label(r: dict[str, Any], with_model: bool = False) -> str:
+    """The setting a row belongs to: rows of different scenario options (e.g. delta) or, when the
+    report holds several (`with_model`), different models are never pooled."""
     ds = r.get("dataset", "")
-    return f"{ds + ' ' if ds else ''}{r['scenario']} (batch {r['batch_size']})"
+    opts = f" {r['options']}" if r.get("options") else ""
+    model = f", model {r.get('model') or '?'}" if with_model else ""
+    return f"{ds + ' ' if ds else ''}{r['scenario']}{opts} (batch {r['batch_size']}{model})"
 
 
 def error_table(rows: list[dict[str, Any]], metric: str = "error") -> list[str]:
@@ -135,11 +169,12 @@ def error_table(rows: list[dict[str, Any]], metric: str = "error") -> list[str]:
     cols: dict[str, list[str]] = defaultdict(list)
     sevs: dict[str, set[int]] = defaultdict(set)
     rows = [r for r in rows if r["metric"] == metric and r["corruption"] != "all"]
+    with_model = several_models(rows)
     for r in rows:
         if r["corruption"] != "mean":
-            sevs[_group(r)].add(int(r["severity"]))
+            sevs[group_label(r, with_model)].add(int(r["severity"]))
     for r in rows:
-        g = _group(r)
+        g = group_label(r, with_model)
         col = r["corruption"]
         if col != "mean" and len(sevs[g]) > 1:
             col = f"{col}@{r['severity']}"
@@ -186,10 +221,11 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     ]
     by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     order: list[tuple[str, str]] = []
+    with_model = several_models(rows)
     for r in rows:
         if r["corruption"] not in ("mean", "all"):
             continue
-        k = (r["method"], _group(r))
+        k = (r["method"], group_label(r, with_model))
         if k not in order:
             order.append(k)
         by[(*k, f"{r['metric']}|{r['corruption']}")].append(float(r["value"]))
@@ -331,14 +367,18 @@ def render_files(out_dir: str | Path, plots: bool = True) -> list[Path]:
         rows = [r for c in cells for r in c["rows"]]
         atomic_write_text(out_dir / "results.csv", _csv(rows, TIDY_COLUMNS))
         trace_rows = [
-            {"method": c["cell"]["method"], "scenario": c["cell"]["scenario"], "seed": c["cell"]["seed"], **t}
+            {
+                "method": c["cell"]["method"],
+                "scenario": c["cell"]["scenario"],
+                "seed": c["cell"]["seed"],
+                **cell_setting(c["cell"]),
+                **t,
+            }
             for c in cells
             for t in c["trace"]
         ]
-        atomic_write_text(
-            out_dir / "trace.csv",
-            _csv(trace_rows, ("method", "scenario", "seed", "batch", "domain", "n", "error")),
-        )
+        trace_columns = ("method", "scenario", "seed", "options", "model", "batch", "domain", "n", "error")
+        atomic_write_text(out_dir / "trace.csv", _csv(trace_rows, trace_columns))
         written += [out_dir / "results.csv", out_dir / "trace.csv"]
     config = {}
     if (out_dir / "config.json").exists():

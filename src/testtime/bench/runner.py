@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from testtime.adapt.base import AdaptedModel
+from testtime.bench.report import cell_setting
 from testtime.data.streams import Stream
 from testtime.errors import DataError
 from testtime.metrics import MetricAccumulator, reliability_bins
@@ -250,7 +251,8 @@ class Cell:
 
 
 def tidy_rows(cell: Cell, res: StreamResult) -> list[dict[str, Any]]:
-    """Rows (dataset, method, scenario, corruption, severity, seed, batch_size, metric, value)."""
+    """Rows (dataset, method, scenario, corruption, severity, seed, batch_size, metric, value, options,
+    model): the columns of report.TIDY_COLUMNS."""
     rows = []
     base = {
         "dataset": cell.dataset,
@@ -258,6 +260,7 @@ def tidy_rows(cell: Cell, res: StreamResult) -> list[dict[str, Any]]:
         "scenario": cell.scenario,
         "seed": cell.seed,
         "batch_size": cell.batch_size,
+        **cell_setting(asdict(cell)),
     }
     for dom, metrics in res.per_domain.items():
         corruption, _, sev = dom.partition("@")

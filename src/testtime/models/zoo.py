@@ -87,6 +87,18 @@ SHIPPED: dict[str, ShippedModel] = {
     ]
 }
 DEFAULT_MODEL = "cifar10_resnet26"
+DEFAULT_MODELS = {  # the model a benchmark uses on each dataset when none is named
+    "cifar10": DEFAULT_MODEL,
+    "cifar100": "robustbench:cifar100:Hendrycks2020AugMix_ResNeXt",
+    "imagenet_c": "torchvision:resnet50",
+    "mnist_usps": "mnist_digitnet",
+    "usps_mnist": "usps_digitnet",
+}
+
+
+def cell_model_name(dataset: str, model: str | None) -> str:
+    """The model a benchmark cell of `dataset` runs: the one named, else the dataset's default."""
+    return model or DEFAULT_MODELS.get(dataset, DEFAULT_MODEL)
 
 
 @dataclass(frozen=True)
