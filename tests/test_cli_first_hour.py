@@ -161,7 +161,7 @@ def test_train_source_checks_inputs_first(argv, match, tmp_path, capsys):
     ("extra", "match"),
     [
         (["--model-path", "MISSING", "--arch", "resnet26"], "weights file not found"),
-        (["-s", "correlated", "--delta", "-1"], "delta must be > 0"),
+        (["-s", "correlated", "--delta", "-1"], "delta must be >= 0"),
         (["--corruptions", "gaussian_noise,gausian_blur"], "unknown corruption(s) gausian_blur"),
         (["--model", "robustbench:cifar10:Standard", "--model-path", "MISSING"], "weights file not found"),
     ],
