@@ -14,6 +14,20 @@ from testtime.utils import state_digest
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# `testtime run` arguments for a run of a few seconds: the source model on 50 gaussian_noise images
+TINY_RUN = [
+    "-m",
+    "source",
+    "--corruptions",
+    "gaussian_noise",
+    "--n-per-domain",
+    "50",
+    "-b",
+    "25",
+    "--threads",
+    "1",
+]
+
 
 def shared_data_dir() -> Path | None:
     """../shared/data beside the checkout (or $TESTTIME_DATA), if present."""

@@ -12,20 +12,8 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import TINY_RUN
 from testtime.cli import build_parser, main
-
-TINY = [
-    "-m",
-    "source",
-    "--corruptions",
-    "gaussian_noise",
-    "--n-per-domain",
-    "50",
-    "-b",
-    "25",
-    "--threads",
-    "1",
-]
 
 
 def _flat(text: str) -> str:
@@ -43,7 +31,7 @@ def tiny_run(tmp_path_factory):
     """One finished tiny run: (results directory, the cache it corrupted into, its stderr)."""
     root = tmp_path_factory.mktemp("tiny")
     cache = root / "cache"
-    assert main(["run", *TINY, "--out", str(root), "--run-id", "r", "--cache-dir", str(cache)]) == 0
+    assert main(["run", *TINY_RUN, "--out", str(root), "--run-id", "r", "--cache-dir", str(cache)]) == 0
     return root / "r", cache
 
 
@@ -73,7 +61,7 @@ def test_unknown_option_lists_the_valid_ones(argv, prog, suggestion, capsys):
 
 
 def test_data_auto_without_full_cifar_warns_and_records_it(tiny_run, tmp_path, no_full_cifar, capsys):
-    argv = ["run", *TINY, "--data", "auto", "--out", str(tmp_path), "--run-id", "r"]
+    argv = ["run", *TINY_RUN, "--data", "auto", "--out", str(tmp_path), "--run-id", "r"]
     assert main([*argv, "--cache-dir", str(tiny_run[1])]) == 0
     err = _flat(capsys.readouterr().err)
     assert "warning: --data auto: the full CIFAR-10 was not found" in err
@@ -91,7 +79,9 @@ def test_embedded_data_has_no_fallback_warning(tiny_run):
 def test_cache_hits_are_not_logged_as_corrupting(tiny_run, tmp_path, capsys):
     _, cache = tiny_run
     assert any(cache.iterdir())
-    assert main(["run", *TINY, "--out", str(tmp_path), "--run-id", "again", "--cache-dir", str(cache)]) == 0
+    assert (
+        main(["run", *TINY_RUN, "--out", str(tmp_path), "--run-id", "again", "--cache-dir", str(cache)]) == 0
+    )
     assert "corrupting" not in capsys.readouterr().err
 
 
@@ -184,7 +174,7 @@ def test_failed_run_leaves_no_results_folder(tmp_path, monkeypatch, capsys):
         raise DataError("the first cell failed")
 
     monkeypatch.setattr("testtime.bench.experiment.execute_cell", fail)
-    argv = ["run", *TINY, "--out", str(tmp_path), "--run-id", "r", "--cache-dir", str(tmp_path / "c")]
+    argv = ["run", *TINY_RUN, "--out", str(tmp_path), "--run-id", "r", "--cache-dir", str(tmp_path / "c")]
     assert main(argv) == 2
     assert "the first cell failed" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
@@ -201,7 +191,7 @@ def test_failed_resume_keeps_the_finished_results(tiny_run, tmp_path, monkeypatc
         raise DataError("a later cell failed")
 
     monkeypatch.setattr("testtime.bench.experiment.execute_cell", fail)
-    argv = ["run", *TINY, "-m", "bn", "--out", str(tmp_path), "--run-id", "r", "--cache-dir", str(cache)]
+    argv = ["run", *TINY_RUN, "-m", "bn", "--out", str(tmp_path), "--run-id", "r", "--cache-dir", str(cache)]
     assert main(argv) == 2
     assert len(list((copy / "cells").glob("*.json"))) == 1 and (copy / "config.json").exists()
 

@@ -8,21 +8,10 @@ import shutil
 
 import pytest
 
+from conftest import TINY_RUN
 from testtime.bench.report import REQUIRED_COLUMNS, cells_from_rows, load_rows, render
 from testtime.cli import main
 
-TINY = [
-    "-m",
-    "source",
-    "--corruptions",
-    "gaussian_noise",
-    "--n-per-domain",
-    "40",
-    "-b",
-    "20",
-    "--threads",
-    "1",
-]
 RUNS = {  # run id: extra arguments
     "d01": ["--scenario", "correlated", "--delta", "0.1"],
     "d001": ["--scenario", "correlated", "--delta", "0.01"],
@@ -38,7 +27,7 @@ def merged(tmp_path_factory):
     merged = root / "merged"
     (merged / "cells").mkdir(parents=True)
     for run_id, extra in RUNS.items():
-        argv = ["run", *TINY, *extra, "--out", str(root), "--run-id", run_id, "--cache-dir", str(cache)]
+        argv = ["run", *TINY_RUN, *extra, "--out", str(root), "--run-id", run_id, "--cache-dir", str(cache)]
         assert main(argv) == 0
         for cell in (root / run_id / "cells").glob("*.json"):
             shutil.copy(cell, merged / "cells" / cell.name)
@@ -65,9 +54,9 @@ def test_summary_keeps_deltas_and_models_apart(merged):
     _, out = merged
     summary = (out / "summary.md").read_text()
     for heading in (
-        "correlated delta=0.1 (batch 20, model cifar10_resnet26)",
-        "correlated delta=0.01 (batch 20, model cifar10_resnet26)",
-        "correlated delta=0.01 (batch 20, model cifar10_resnet26_gn)",
+        "correlated delta=0.1 (batch 25, model cifar10_resnet26)",
+        "correlated delta=0.01 (batch 25, model cifar10_resnet26)",
+        "correlated delta=0.01 (batch 25, model cifar10_resnet26_gn)",
     ):
         assert f"### error: cifar10 {heading}, severity 5" in summary
         assert f"| source | cifar10 {heading} |" in summary  # the summary table's rows too

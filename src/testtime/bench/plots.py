@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from testtime.bench.report import cell_setting
+from testtime.bench.report import cell_setting, several_models
 
 
 def _plt():
@@ -43,7 +43,7 @@ def _facets(cells: list[dict[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]
     """Cells grouped by setting (first-seen order) and a stable colour per method."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     methods: list[str] = []
-    with_model = len({cell_setting(c["cell"])["model"] for c in cells}) > 1
+    with_model = several_models([cell_setting(c["cell"]) for c in cells])
     for cell in cells:
         groups[_setting(cell, with_model)].append(cell)
         if cell["cell"]["method"] not in methods:
