@@ -1,0 +1,146 @@
+"""Markdown tables of the `archs` suite (issue 16) from the cell files, beside the BN ResNet-26.
+
+    python benchmarks/archs/table.py [RESULTS_DIR]   # default: this folder
+    python benchmarks/archs/table.py --write         # also rewrite the tables in the READMEs
+
+Per shipped non-BatchNorm model, the error (%) of every method that ran in each setting (seed 0,
+mean over the 15 corruptions), with the collapse-guard restores in brackets where there were any,
+and beside it the BatchNorm ResNet-26 on the same protocol (full 10k, severity 5, batch 200, seed
+0) where that cell exists: continual from `cifar10c_paper/` and `default_vs_zoo/`, mixed_domains
+and correlated delta 0.1 from `default_vs_zoo/`. Then, per scenario, how the ranking of the
+methods that ran on both models compares (Spearman's rho over those methods, and the best three on
+each). Nothing is typed in by hand: every number is read from cell files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from scipy.stats import spearmanr
+
+from testtime.models.zoo import cell_model_name
+
+HERE = Path(__file__).resolve().parent
+BN_DIRS = (HERE.parent / "cifar10c_paper", HERE.parent / "default_vs_zoo")
+BN_MODEL = cell_model_name("cifar10", None)
+# (column title, scenario, delta option or None); the delta-0.01 column shows only where cells exist
+SETTINGS = (
+    ("continual", "continual", None),
+    ("mixed_domains", "mixed_domains", None),
+    ("correlated δ=0.1", "correlated", "0.1"),
+    ("sorted by label (δ=0)", "correlated", "0.0"),
+    ("correlated δ=0.01", "correlated", "0.01"),
+)
+BN_SETTINGS = SETTINGS[:3]  # the BN model's full-10k cells cover these three
+
+
+def _setting(cell: dict) -> tuple[str, str, str | None] | None:
+    opts = dict(map(tuple, cell["scenario_options"]))
+    if cell["batch_size"] != 200 or cell["severity"] != 5 or cell.get("n_per_domain") or cell["overrides"]:
+        return None
+    if cell["dataset"] != "cifar10" or cell.get("model_path") or cell.get("subset"):
+        return None
+    delta = opts.get("delta")
+    if cell["scenario"] == "correlated" and delta is None:
+        delta = "0.1"  # the scenario's default
+    for s in SETTINGS:
+        if (cell["scenario"], delta) == s[1:]:
+            return s
+    return None
+
+
+def load(dirs: list[Path]) -> dict[tuple[str, str, str], tuple[float, int]]:
+    """(model, setting title, method) -> (mean error, collapse-guard restores), seed-0 cells."""
+    out: dict[tuple[str, str, str], tuple[float, int]] = {}
+    for d in dirs:
+        for f in sorted((d / "cells").glob("*.json")):
+            payload = json.loads(f.read_text())
+            cell = payload["cell"]
+            setting = _setting(cell)
+            if setting is None or int(cell["seed"]) != 0:
+                continue
+            mean = {
+                r["metric"]: float(r["value"]) for r in payload["rows"] if r["corruption"] in ("mean", "all")
+            }
+            if "error" not in mean:
+                continue
+            model = cell_model_name("cifar10", cell.get("model"))
+            out[(model, setting[0], cell["method"])] = (mean["error"], int(mean.get("n_restores", 0)))
+    return out
+
+
+def _fmt(v: tuple[float, int] | None) -> str:
+    if v is None:
+        return "·"
+    return f"{v[0]:.1f}" + (f" [{v[1]}]" if v[1] else "")
+
+
+def model_table(res: dict, model: str) -> str:
+    titles = [t for t, *_ in SETTINGS if any(k[0] == model and k[1] == t for k in res)]
+    methods = sorted({k[2] for k in res if k[0] == model})
+    own = {m: [res.get((model, t, m)) for t in titles] for m in methods}
+
+    def order(m: str) -> tuple[int, float]:  # source, auto, then by mean error over the settings run
+        if m in ("source", "auto"):
+            return (("source", "auto").index(m), 0.0)
+        vals = [v[0] for v in own[m] if v]
+        return (2, sum(vals) / len(vals))
+
+    bn_titles = [t for t, *_ in BN_SETTINGS]
+    head = titles + [f"BN model: {t}" for t in bn_titles]
+    lines = ["| method | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
+    for m in sorted(methods, key=order):
+        row = [_fmt(v) for v in own[m]] + [_fmt(res.get((BN_MODEL, t, m))) for t in bn_titles]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _best(vals: list[float], methods: list[str]) -> str:
+    return ", ".join(f"{m} {v:.1f}" for v, m in sorted(zip(vals, methods))[:3])
+
+
+def ranking_table(res: dict, model: str) -> str:
+    lines = [
+        f"| scenario | methods on both | Spearman ρ ({BN_MODEL} vs {model}) | best 3, BN model | best 3, {model} |",
+        "| --- | ---: | ---: | --- | --- |",
+    ]
+    for title, *_ in BN_SETTINGS:
+        both = sorted(m for (mo, t, m) in res if mo == model and t == title and (BN_MODEL, title, m) in res)
+        if len(both) < 3:
+            continue
+        bn = [res[(BN_MODEL, title, m)][0] for m in both]
+        other = [res[(model, title, m)][0] for m in both]
+        rho = spearmanr(bn, other).statistic
+
+        lines.append(f"| {title} | {len(both)} | {rho:+.2f} | {_best(bn, both)} | {_best(other, both)} |")
+    return "\n".join(lines)
+
+
+def render(res: dict) -> str:
+    models = sorted({k[0] for k in res} - {BN_MODEL})
+    parts = []
+    for model in models:
+        parts.append(f"### {model}: error (%), [n] = collapse-guard restores\n\n{model_table(res, model)}\n")
+        parts.append(f"### {model}: rankings against the BN ResNet-26\n\n{ranking_table(res, model)}\n")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if a != "--write"]
+    results = Path(args[0]) if args else HERE
+    text = render(load([*BN_DIRS, results]))
+    print(text, end="")
+    if "--write" in sys.argv[1:]:
+        own = HERE / "README.md"
+        s = own.read_text()
+        marker = "## Tables"
+        head = s[: s.index(marker)] if marker in s else s.rstrip() + "\n\n"
+        own.write_text(
+            head + marker + "\n\n(`python benchmarks/archs/table.py --write`)\n\n" + text.rstrip() + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
