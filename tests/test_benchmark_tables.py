@@ -38,6 +38,11 @@ def test_archs_tables_match_the_cells() -> None:
     text = mod.render(mod.load([*mod.BN_DIRS, mod.HERE]))
     assert "cifar10_resnet26_gn" in text
     assert text.rstrip() in (mod.HERE / "README.md").read_text(), "run benchmarks/archs/table.py --write"
+    main_readme = (ROOT / "README.md").read_text()
+    res = mod.load([*mod.BN_DIRS, mod.HERE])
+    for model in sorted({k[0] for k in res} - {mod.BN_MODEL}):
+        expected = mod.main_readme_marker(model) + mod.model_table(res, model) + "\n\n"
+        assert expected in main_readme, f"README.md: {model}'s table (run benchmarks/archs/table.py --write)"
 
 
 def _cell(

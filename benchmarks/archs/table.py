@@ -130,7 +130,8 @@ def render(res: dict) -> str:
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--write"]
     results = Path(args[0]) if args else HERE
-    text = render(load([*BN_DIRS, results]))
+    res = load([*BN_DIRS, results])
+    text = render(res)
     print(text, end="")
     if "--write" in sys.argv[1:]:
         own = HERE / "README.md"
@@ -140,6 +141,25 @@ def main() -> None:
         own.write_text(
             head + marker + "\n\n(`python benchmarks/archs/table.py --write`)\n\n" + text.rstrip() + "\n"
         )
+        write_main_readme(res)
+
+
+def main_readme_marker(model: str) -> str:
+    return f"<!-- archs table: {model} (python benchmarks/archs/table.py --write) -->\n"
+
+
+def write_main_readme(res: dict) -> None:
+    """Each model's error table into the main README, after its marker line (where there is one)."""
+    path = HERE.parents[1] / "README.md"
+    s = path.read_text()
+    for model in sorted({k[0] for k in res} - {BN_MODEL}):
+        marker = main_readme_marker(model)
+        if marker not in s:
+            continue
+        start = s.index(marker) + len(marker)
+        end = s.index("\n\n", start) if s[start:].startswith("|") else start
+        s = s[:start] + model_table(res, model) + ("" if s[start:].startswith("|") else "\n") + s[end:]
+    path.write_text(s)
 
 
 if __name__ == "__main__":
