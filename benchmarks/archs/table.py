@@ -20,6 +20,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
+from testtime.data.streams import DEFAULT_DELTA
 from testtime.models.zoo import cell_model_name
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +30,7 @@ BN_MODEL = cell_model_name("cifar10", None)
 SETTINGS = (
     ("continual", "continual", None),
     ("mixed_domains", "mixed_domains", None),
-    ("correlated δ=0.1", "correlated", "0.1"),
+    (f"correlated δ={DEFAULT_DELTA}", "correlated", str(DEFAULT_DELTA)),
     ("sorted by label (δ=0)", "correlated", "0.0"),
     ("correlated δ=0.01", "correlated", "0.01"),
 )
@@ -44,7 +45,7 @@ def _setting(cell: dict) -> tuple[str, str, str | None] | None:
         return None
     delta = opts.get("delta")
     if cell["scenario"] == "correlated" and delta is None:
-        delta = "0.1"  # the scenario's default
+        delta = str(DEFAULT_DELTA)  # the scenario's default
     for s in SETTINGS:
         if (cell["scenario"], delta) == s[1:]:
             return s
@@ -113,15 +114,18 @@ def ranking_table(res: dict, model: str) -> str:
         bn = [res[(BN_MODEL, title, m)][0] for m in both]
         other = [res[(model, title, m)][0] for m in both]
         rho = spearmanr(bn, other).statistic
-
         lines.append(f"| {title} | {len(both)} | {rho:+.2f} | {_best(bn, both)} | {_best(other, both)} |")
     return "\n".join(lines)
 
 
+def models(res: dict) -> list[str]:
+    """The non-BN models that have cells in `res`."""
+    return sorted({k[0] for k in res} - {BN_MODEL})
+
+
 def render(res: dict) -> str:
-    models = sorted({k[0] for k in res} - {BN_MODEL})
     parts = []
-    for model in models:
+    for model in models(res):
         parts.append(f"### {model}: error (%), [n] = collapse-guard restores\n\n{model_table(res, model)}\n")
         parts.append(f"### {model}: rankings against the BN ResNet-26\n\n{ranking_table(res, model)}\n")
     return "\n".join(parts)
@@ -152,13 +156,15 @@ def write_main_readme(res: dict) -> None:
     """Each model's error table into the main README, after its marker line (where there is one)."""
     path = HERE.parents[1] / "README.md"
     s = path.read_text()
-    for model in sorted({k[0] for k in res} - {BN_MODEL}):
+    for model in models(res):
         marker = main_readme_marker(model)
         if marker not in s:
             continue
         start = s.index(marker) + len(marker)
-        end = s.index("\n\n", start) if s[start:].startswith("|") else start
-        s = s[:start] + model_table(res, model) + ("" if s[start:].startswith("|") else "\n") + s[end:]
+        if s.startswith("|", start):  # replace the table written last time
+            s = s[:start] + model_table(res, model) + s[s.index("\n\n", start) :]
+        else:
+            s = s[:start] + model_table(res, model) + "\n" + s[start:]
     path.write_text(s)
 
 

@@ -88,15 +88,26 @@ def table(cells: dict, metric: str, digits: int, cost: dict[str, float] | None =
     return "\n".join(lines)
 
 
-def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--write"]
-    results = Path(args[0]) if args else HERE
+def render(results: Path) -> str:
+    """The three tables (error with the cost column, NLL, ECE) of the cells in `results`."""
     cells = load(results)
     cost = x_inference(results)
-    text = "".join(
+    return "".join(
         f"### {title}\n\n{table(cells, metric, digits, cost if metric == 'error' else None)}\n\n"
         for metric, title, digits in (("error", "Error (%)", 1), ("nll", "NLL", 3), ("ece", "ECE (%)", 1))
     )
+
+
+def error_table(text: str) -> str:
+    """The error table alone, out of `render`'s text (the one the main README shows)."""
+    start = text.index("| method | continual |")
+    return text[start : text.index("\n\n", start)]
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if a != "--write"]
+    results = Path(args[0]) if args else HERE
+    text = render(results)
     print(text, end="")
     if "--write" in sys.argv[1:]:
         write_readmes(text)
@@ -105,8 +116,7 @@ def main() -> None:
 def write_readmes(text: str) -> None:
     """The error table into the main README's `auto` section, all three tables at the end of this
     folder's README (from its "### Error (%)" heading on)."""
-    start = text.index("| method | continual |")
-    error = text[start : text.index("\n\n", start)]
+    error = error_table(text)
     main_readme = HERE.parents[1] / "README.md"
     s = main_readme.read_text()
     t0 = s.index("| method | continual |", s.index("### Our recipe `auto` (the default)"))

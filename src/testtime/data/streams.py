@@ -552,8 +552,11 @@ def mixed_domains(spec: StreamSpec) -> Stream:
     return Stream(domains, [mixed], False, spec.data, spec.batch_size, "mixed_domains")
 
 
+DEFAULT_DELTA = 0.1  # default Dirichlet concentration of the label-correlated scenarios (option delta)
+
+
 def _delta(spec: StreamSpec) -> float:
-    return _option(spec, "delta", 0.1, 0.0)
+    return _option(spec, "delta", DEFAULT_DELTA, 0.0)
 
 
 def correlated_order(labels: np.ndarray, delta: float, rng: np.random.Generator) -> np.ndarray:
