@@ -90,3 +90,17 @@ def test_results_csv_without_the_setting_columns_still_loads(merged, tmp_path):
     assert len(loaded) == len(rows) and {(r["options"], r["model"]) for r in loaded} == {("", "")}
     render(old, plots=False)  # nothing to split on: one pooled table, as before the columns existed
     assert (old / "summary.md").read_text().count("### error: cifar10 correlated") == 1
+
+
+def test_plot_panels_are_titled_as_the_report_headings(merged):
+    """A plot panel and the summary's table for the same setting carry the same words."""
+    from testtime.bench.plots import _facets
+    from testtime.bench.report import load_cells
+
+    pytest.importorskip("matplotlib")
+    _, out = merged
+    summary = (out / "summary.md").read_text()
+    groups, _ = _facets(load_cells(out))
+    assert len(groups) == 3
+    for title in groups:
+        assert f"### error: {title}\n" in summary

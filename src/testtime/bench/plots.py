@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from testtime.bench.report import cell_setting, several_models
+from testtime.bench.report import cell_setting, group_label, several_models
 
 
 def _plt():
@@ -27,16 +27,15 @@ def _plt():
 
 
 def _setting(cell: dict[str, Any], with_model: bool = False) -> str:
+    """A panel's title: the report's heading for the same setting (`group_label`, then the severity)."""
     c = cell["cell"]
+    row = {**c, **cell_setting(c), "dataset": c.get("dataset", "cifar10")}
     sev = (
         f", severity {c['severity']}"
-        if c.get("dataset", "cifar10") == "cifar10" and c.get("severity")
+        if row["dataset"] == "cifar10" and c.get("severity")
         else ""
     )
-    setting = cell_setting(c)
-    opts = f" {setting['options']}" if setting["options"] else ""
-    model = f", {setting['model']}" if with_model else ""
-    return f"{c.get('dataset', 'cifar10')} {c['scenario']}{opts} (batch {c['batch_size']}{sev}{model})"
+    return group_label(row, with_model) + sev
 
 
 def _facets(cells: list[dict[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
