@@ -30,11 +30,7 @@ def _setting(cell: dict[str, Any], with_model: bool = False) -> str:
     """A panel's title: the report's heading for the same setting (`group_label`, then the severity)."""
     c = cell["cell"]
     row = {**c, **cell_setting(c), "dataset": c.get("dataset", "cifar10")}
-    sev = (
-        f", severity {c['severity']}"
-        if row["dataset"] == "cifar10" and c.get("severity")
-        else ""
-    )
+    sev = f", severity {c['severity']}" if row["dataset"] == "cifar10" and c.get("severity") else ""
     return group_label(row, with_model) + sev
 
 
