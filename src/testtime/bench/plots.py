@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from testtime.bench.report import cell_setting, group_label, several_models
+from testtime.bench.report import cell_setting, group_label, heading, several_models
 
 
 def _plt():
@@ -27,11 +27,10 @@ def _plt():
 
 
 def _setting(cell: dict[str, Any], with_model: bool = False) -> str:
-    """A panel's title: the report's heading for the same setting (`group_label`, then the severity)."""
+    """A panel's title: the report's heading for the same setting."""
     c = cell["cell"]
     row = {**c, **cell_setting(c), "dataset": c.get("dataset", "cifar10")}
-    sev = f", severity {c['severity']}" if row["dataset"] == "cifar10" and c.get("severity") else ""
-    return group_label(row, with_model) + sev
+    return heading(group_label(row, with_model), {int(c.get("severity") or 0)})
 
 
 def _facets(cells: list[dict[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:

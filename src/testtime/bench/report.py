@@ -162,6 +162,13 @@ def group_label(r: dict[str, Any], with_model: bool = False) -> str:
     return f"{ds + ' ' if ds else ''}{r['scenario']}{opts} (batch {r['batch_size']}{model})"
 
 
+def heading(label: str, severities: set[int]) -> str:
+    """A setting's title (report headings, plot panels): its `group_label`, and its severity where
+    the setting has one nonzero severity."""
+    sev = next(iter(severities)) if len(severities) == 1 else 0
+    return f"{label}, severity {sev}" if sev else label
+
+
 def error_table(rows: list[dict[str, Any]], metric: str = "error") -> list[str]:
     """Markdown: one table per dataset/scenario, methods x domains (+ mean), mean ± std over seeds."""
     by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
@@ -190,9 +197,8 @@ def error_table(rows: list[dict[str, Any]], metric: str = "error") -> list[str]:
             c.replace("_noise", "").replace("_blur", "").replace("_transform", "").replace("_compression", "")
             for c in corrs
         ]
-        sev = f", severity {next(iter(sevs[g]))}" if len(sevs[g]) == 1 and next(iter(sevs[g])) else ""
         lines += [
-            f"### {metric}: {g}{sev}",
+            f"### {metric}: {heading(g, sevs[g])}",
             "",
             "| method | " + " | ".join(short) + " |",
             "|---|" + "---:|" * len(corrs),
