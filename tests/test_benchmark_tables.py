@@ -83,3 +83,34 @@ def test_archs_table_settings_restores_and_rankings(tmp_path) -> None:
         in ranks
     )
     assert mod.load([tmp_path / "none"]) == {} and mod.render({}) == ""
+
+
+def test_archs_table_memo_subset_rows_stand_apart(tmp_path) -> None:
+    """MEMO's one subset cell (continual, 500 images per corruption) and the source's on the same
+    images are rows of their own, shown as the same experiment in every column and left out of the
+    rankings; a subset of another size is not the protocol."""
+    mod = _script("archs")
+    gn_model = "cifar10_resnet26_gn"
+    gn, bn, sub_gn, sub_bn = (tmp_path / n for n in ("gn", "bn", "sub_gn", "sub_bn"))
+    for m, e_gn, e_bn in (("source", 29.1, 37.7), ("tent", 35.2, 24.7), ("lame", 30.0, 38.8)):
+        _cell(gn, gn_model, m, "continual", e_gn)
+        _cell(bn, None, m, "continual", e_bn)
+    n = mod.MEMO_SUBSET
+    for m, e_gn, e_bn in (("memo", 27.0, 30.7), ("source", 29.3, 37.5)):
+        _cell(sub_gn, gn_model, m, "continual", e_gn, n_per_domain=n)
+        _cell(sub_bn, None, m, "continual", e_bn, n_per_domain=n)
+    _cell(tmp_path / "other", gn_model, "shot", "continual", 1.0, n_per_domain=n // 5)
+    _cell(tmp_path / "other", gn_model, "tent", "mixed_domains", 1.0, n_per_domain=n)
+    res = mod.load([bn, sub_bn, gn, sub_gn, tmp_path / "other"])
+    tag = mod.SUBSET_TAG
+    assert tag == f" ({15 * n:,} images)"
+    assert res[(gn_model, "continual", "memo" + tag)] == (27.0, 0)
+    assert res[(gn_model, "continual", "source")] == (29.1, 0), "the full-set source cell is kept apart"
+    assert not any(k[2] == "shot" or k[1] == "mixed_domains" for k in res)
+    lines = mod.model_table(res, gn_model).splitlines()
+    assert lines[-2:] == [
+        f"| source{tag} | 29.3 | 37.5 | = continual | = continual |",
+        f"| memo{tag} | 27.0 | 30.7 | = continual | = continual |",
+    ]
+    ranks = mod.ranking_table(res, gn_model)
+    assert "| continual | 3 |" in ranks and "memo" not in ranks

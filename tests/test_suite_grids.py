@@ -13,6 +13,7 @@ from testtime.bench.suites import (
     DEFAULT_RECIPE,
     DEFAULT_VS_ZOO_BASELINES,
     DEFAULT_VS_ZOO_ZOO,
+    MEMO_SUBSET,
     SuiteArgs,
     default_vs_zoo_columns,
     get_suite,
@@ -68,7 +69,12 @@ def test_archs_suite_has_only_methods_that_run_on_the_models_norm_kind(monkeypat
     assert deltas == {"0.1", "0.0"}
     order = [c.method for c in cells]
     assert order.index("cotta") > order.index("tent"), "hours-long methods run last"
-    assert all(c.batch_size == 200 and c.n_per_domain is None for c in cells)
+    memo = [c for c in cells if c.n_per_domain is not None]  # MEMO's one subset cell, and the source's
+    assert sorted(c.method for c in memo) == ["memo", "source"]
+    assert {(c.scenario, c.n_per_domain) for c in memo} == {("continual", MEMO_SUBSET)}
+    assert all(c.batch_size == 200 for c in cells)
+    assert all(c.n_per_domain is None for c in cells if c not in memo)
+    assert {c.scenario for c in cells if c.method == "memo"} == {"continual"}, "order and mix do not matter"
 
 
 @pytest.mark.parametrize("shipped_vit", [False, True])

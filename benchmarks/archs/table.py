@@ -20,11 +20,16 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
+from testtime.bench.suites import MEMO_SUBSET
 from testtime.data.streams import DEFAULT_DELTA
 from testtime.models.zoo import cell_model_name
 
 HERE = Path(__file__).resolve().parent
-BN_DIRS = (HERE.parent / "cifar10c_paper", HERE.parent / "default_vs_zoo")
+BN_DIRS = (
+    HERE.parent / "cifar10c_paper",
+    HERE.parent / "default_vs_zoo",
+    HERE.parent / "cifar10c_memo_subset",
+)
 BN_MODEL = cell_model_name("cifar10", None)
 # (column title, scenario, delta option or None); the delta-0.01 column shows only where cells exist
 SETTINGS = (
@@ -35,10 +40,15 @@ SETTINGS = (
     ("correlated δ=0.01", "correlated", "0.01"),
 )
 BN_SETTINGS = SETTINGS[:3]  # the BN model's full-10k cells cover these three
+# MEMO (stateless per image) runs continual on MEMO_SUBSET images per corruption, beside the source
+# on the same images: rows of their own ("memo (7,500 images)"), the same experiment in every column
+SUBSET_TAG = f" ({15 * MEMO_SUBSET:,} images)"
 
 
 def _setting(cell: dict) -> tuple[str, str, str | None] | None:
     opts = dict(map(tuple, cell["scenario_options"]))
+    if cell.get("n_per_domain") == MEMO_SUBSET and cell["scenario"] == "continual":
+        cell = {**cell, "n_per_domain": None}  # the MEMO subset protocol: rows of their own (see load)
     if cell["batch_size"] != 200 or cell["severity"] != 5 or cell.get("n_per_domain") or cell["overrides"]:
         return None
     if cell["dataset"] != "cifar10" or cell.get("model_path") or cell.get("subset"):
@@ -68,7 +78,8 @@ def load(dirs: list[Path]) -> dict[tuple[str, str, str], tuple[float, int]]:
             if "error" not in mean:
                 continue
             model = cell_model_name("cifar10", cell.get("model"))
-            out[(model, setting[0], cell["method"])] = (mean["error"], int(mean.get("n_restores", 0)))
+            method = cell["method"] + (SUBSET_TAG if cell.get("n_per_domain") else "")
+            out[(model, setting[0], method)] = (mean["error"], int(mean.get("n_restores", 0)))
     return out
 
 
@@ -83,17 +94,24 @@ def model_table(res: dict, model: str) -> str:
     methods = sorted({k[2] for k in res if k[0] == model})
     own = {m: [res.get((model, t, m)) for t in titles] for m in methods}
 
-    def order(m: str) -> tuple[int, float]:  # source, auto, then by mean error over the settings run
+    def order(m: str) -> tuple[int, float]:  # source, auto, by mean error over the settings run; subset rows
         if m in ("source", "auto"):
             return (("source", "auto").index(m), 0.0)
+        if m.endswith(SUBSET_TAG):  # last: the source on the subset, then what ran on it
+            return (3, 0.0 if m.startswith("source") else 1.0)
         vals = [v[0] for v in own[m] if v]
         return (2, sum(vals) / len(vals))
+
+    def cells(m: str, values: list) -> list[str]:  # a subset row ran once: "=" in the other columns
+        if not m.endswith(SUBSET_TAG):
+            return [_fmt(v) for v in values]
+        return [_fmt(v) if i == 0 else "= continual" for i, v in enumerate(values)]
 
     bn_titles = [t for t, *_ in BN_SETTINGS]
     head = titles + [f"BN model: {t}" for t in bn_titles]
     lines = ["| method | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
     for m in sorted(methods, key=order):
-        row = [_fmt(v) for v in own[m]] + [_fmt(res.get((BN_MODEL, t, m))) for t in bn_titles]
+        row = cells(m, own[m]) + cells(m, [res.get((BN_MODEL, t, m)) for t in bn_titles])
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -108,7 +126,11 @@ def ranking_table(res: dict, model: str) -> str:
         "| --- | ---: | ---: | --- | --- |",
     ]
     for title, *_ in BN_SETTINGS:
-        both = sorted(m for (mo, t, m) in res if mo == model and t == title and (BN_MODEL, title, m) in res)
+        both = sorted(
+            m
+            for (mo, t, m) in res
+            if mo == model and t == title and (BN_MODEL, title, m) in res and not m.endswith(SUBSET_TAG)
+        )
         if len(both) < 3:
             continue
         bn = [res[(BN_MODEL, title, m)][0] for m in both]
