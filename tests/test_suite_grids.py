@@ -73,7 +73,8 @@ def test_archs_suite_has_only_methods_that_run_on_the_models_norm_kind(monkeypat
     assert sorted(c.method for c in memo) == ["memo", "source"]
     assert {(c.scenario, c.n_per_domain) for c in memo} == {("continual", MEMO_SUBSET)}
     assert all(c.batch_size == 200 for c in cells)
-    assert all(c.n_per_domain is None for c in cells if c not in memo)
+    full_source = {(c.scenario, c.scenario_options) for c in cells if c.method == "source" and c not in memo}
+    assert len(full_source) == 4, "the source's full-set cells stay, beside its subset cell"
     assert {c.scenario for c in cells if c.method == "memo"} == {"continual"}, "order and mix do not matter"
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 from testtime.bench.suites import MEMO_SUBSET
+from testtime.data.corruptions import CORRUPTIONS
 from testtime.data.streams import DEFAULT_DELTA
 from testtime.models.zoo import cell_model_name
 
@@ -42,7 +43,7 @@ SETTINGS = (
 BN_SETTINGS = SETTINGS[:3]  # the BN model's full-10k cells cover these three
 # MEMO (stateless per image) runs continual on MEMO_SUBSET images per corruption, beside the source
 # on the same images: rows of their own ("memo (7,500 images)"), the same experiment in every column
-SUBSET_TAG = f" ({15 * MEMO_SUBSET:,} images)"
+SUBSET_TAG = f" ({len(CORRUPTIONS) * MEMO_SUBSET:,} images)"
 
 
 def _setting(cell: dict) -> tuple[str, str, str | None] | None:
