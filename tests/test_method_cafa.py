@@ -8,9 +8,10 @@ import torch
 
 from conftest import BOOKKEEPING, bn_affine_keys, changed_keys, snapshot
 from testtime.adapt import adapt
+from testtime.adapt.components.features import FeatureTap
 from testtime.adapt.components.source_stats import (
-    ClassFeatureStats,
     class_feature_stats,
+    extract_features,
     mahalanobis,
     regularised_inverse,
 )
@@ -71,7 +72,26 @@ def test_cafa_updates_only_bn_affine_and_beats_source(source_model, noisy_stream
     src = _err(adapt(source_model, "source"), x, y)
     assert err < src - 5, (src, err)
     # the same statistics from a file give the same method
-    stats = ClassFeatureStats(a.class_means, torch.linalg.inv(a.class_precisions), torch.ones(10))
-    stats.save(tmp_path / "stats.pt")
-    b = adapt(source_model, "cafa", stats_path=str(tmp_path / "stats.pt"), cov_eps=0.0)
-    torch.testing.assert_close(b.class_precisions, a.class_precisions, rtol=1e-3, atol=1e-3)
+    feats, _ = extract_features(source_model.eval(), FeatureTap(source_model), source_subset[0])
+    class_feature_stats(feats, source_subset[1], 10).save(tmp_path / "stats.pt")
+    b = adapt(source_model, "cafa", stats_path=str(tmp_path / "stats.pt"))
+    assert torch.equal(b.class_precisions, a.class_precisions) and torch.equal(b.class_means, a.class_means)
+
+
+def test_regularised_inverse_of_a_batch_of_wide_covariances_on_two_threads():
+    """192-d features (the shipped ViT's): torch 2.13's batched LU inverse fails there on 2 threads."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(10, 40, 192, generator=g, dtype=torch.float64)
+    covs = (f.transpose(1, 2) @ f / 40).float()  # rank 40 < 192: only the ridge makes them invertible
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        prec = regularised_inverse(covs, 1e-4)
+    finally:
+        torch.set_num_threads(threads)
+    scale = torch.diagonal(covs.double(), dim1=-2, dim2=-1).mean(-1)[:, None, None]
+    ridged = covs.double() + 1e-4 * scale * torch.eye(192, dtype=torch.float64)
+    ident = torch.eye(192, dtype=torch.float64).expand(10, 192, 192)
+    torch.testing.assert_close(ridged @ prec.double(), ident, atol=1e-3, rtol=0)
+    with pytest.raises(DataError, match=r"covariance\(s\) \[0, 1, .*cov_eps"):
+        regularised_inverse(covs, 0.0)  # rank-deficient without the ridge

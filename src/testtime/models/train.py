@@ -64,8 +64,8 @@ class TrainConfig:
 #   grad_clip 1.0: the original ViT (Dosovitskiy et al. 2021, clipping at global norm 1); DeiT does
 #     not clip. A guard against AdamW's early loss spikes, costing one norm per step.
 #   epochs 100: Lee et al.'s budget (DeiT trains 300 on ImageNet; CIFAR ViT recipes 100-200).
-#     At ~550 s/epoch on one CPU thread of this project's machine (bf16 measured no faster for this
-#     ViT there) that is ~15 h, resumable across sessions; 200 epochs would double it.
+#     The shipped cifar10_vit took 41,752 s (11.6 h) for them on one CPU thread of this project's
+#     machine (bf16 autocast, 361-607 s/epoch), resumed across sessions; 200 epochs would double it.
 # Deviations from DeiT: no RandAugment, random erasing, repeated augmentation or stochastic depth
 # (the augmentation is the ResNet's crop + flip, then the mixing); weight decay on every tensor
 # with ndim > 1, so the ViT's position embedding is decayed (timm exempts it).

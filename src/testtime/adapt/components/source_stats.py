@@ -86,12 +86,28 @@ def class_feature_stats(
 
 
 def regularised_inverse(covs: torch.Tensor, eps: float) -> torch.Tensor:
-    """Inverse of (each) covariance after adding `eps` times the mean variance to its diagonal."""
+    """Inverse of (each) covariance after adding `eps` times the mean variance to its diagonal.
+
+    Through a Cholesky factorisation (the regularised covariances are symmetric positive definite):
+    the batched LU inverse, `torch.linalg.inv`, fails on CPU with more than one thread for batches of
+    matrices from 192 x 192 up in torch 2.13 with MKL ("Pivots given to lu_solve must all be greater
+    or equal to 1"), e.g. CAFA's per-class covariances of a ViT's 192-d features. DataError when a
+    covariance is not positive definite (a class whose samples span too few dimensions with
+    `eps` 0, or non-finite features).
+    """
     d = covs.shape[-1]
     eye = torch.eye(d, dtype=torch.float64, device=covs.device)
     c = covs.double()
     scale = torch.diagonal(c, dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    return torch.linalg.inv(c + eps * scale * eye).float()
+    chol, info = torch.linalg.cholesky_ex(c + eps * scale * eye)
+    bad = torch.nonzero(info.reshape(-1)).flatten().tolist()
+    if bad or not bool(torch.isfinite(chol).all()):
+        which = f"covariance(s) {bad}" if covs.dim() == 3 and bad else "the covariance"
+        raise DataError(
+            f"{which} of the source features not positive definite after a ridge of {eps} x the mean "
+            "variance: raise the ridge (cafa: cov_eps) or give more source samples per class"
+        )
+    return torch.cholesky_inverse(chol).float()
 
 
 def mahalanobis(feats: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor) -> torch.Tensor:
