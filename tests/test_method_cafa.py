@@ -79,7 +79,7 @@ def test_cafa_updates_only_bn_affine_and_beats_source(source_model, noisy_stream
 
 
 def test_regularised_inverse_of_a_batch_of_wide_covariances_on_two_threads():
-    """192-d features (the shipped ViT's): torch 2.13's batched LU inverse fails there on 2 threads."""
+    """192-d features (the shipped ViT's), where torch 2.13's batched LU inverse can fail on 2 threads."""
     g = torch.Generator().manual_seed(0)
     f = torch.randn(10, 40, 192, generator=g, dtype=torch.float64)
     covs = (f.transpose(1, 2) @ f / 40).float()  # rank 40 < 192: only the ridge makes them invertible

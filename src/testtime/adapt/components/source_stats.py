@@ -89,9 +89,11 @@ def regularised_inverse(covs: torch.Tensor, eps: float) -> torch.Tensor:
     """Inverse of (each) covariance after adding `eps` times the mean variance to its diagonal.
 
     Through a Cholesky factorisation (the regularised covariances are symmetric positive definite):
-    the batched LU inverse, `torch.linalg.inv`, fails on CPU with more than one thread for batches of
-    matrices from 192 x 192 up in torch 2.13 with MKL ("Pivots given to lu_solve must all be greater
-    or equal to 1"), e.g. CAFA's per-class covariances of a ViT's 192-d features. DataError when a
+    the batched LU inverse, `torch.linalg.inv`, can fail on CPU with two threads for batches of
+    192 x 192 matrices and larger in torch 2.13 with MKL ("Pivots given to lu_solve must all be
+    greater or equal to 1"; seen on this project's machine for 192 and 256, not 64 or 128, and only
+    after other linear-algebra calls in the process), e.g. CAFA's per-class covariances of a ViT's
+    192-d features in the test suite. DataError when a
     covariance is not positive definite (a class whose samples span too few dimensions with
     `eps` 0, or non-finite features).
     """
