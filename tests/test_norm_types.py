@@ -11,6 +11,7 @@ from conftest import state_hash
 from testtime.adapt import adapt, get_method, list_methods
 from testtime.adapt.components.norm_types import BN, GN, LN, TRAINS, NormSupport, norm_layer_counts
 from testtime.adapt.components.params import norm_affine_params
+from testtime.bench.suites import ARCH_MODELS  # the shipped non-BN models and their norm kind
 from testtime.errors import ModelError
 from testtime.models.resnet import CIFAR10_MEAN, CIFAR10_STD, CifarResNet, GroupNorm2d
 from testtime.models.train import TrainConfig, evaluate, train_source
@@ -212,10 +213,7 @@ def test_methods_listing_shows_what_adapts(capsys):
     assert "refused" in out and "GN/LN" in out and "norm affine" in out
 
 
-SHIPPED_NORM = {"cifar10_resnet26_gn": GN, "cifar10_vit": LN}  # the shipped non-BN models, their norm kind
-
-
-@pytest.fixture(scope="module", params=list(SHIPPED_NORM))
+@pytest.fixture(scope="module", params=list(ARCH_MODELS))
 def shipped(request) -> tuple[str, nn.Module]:
     from testtime.models.zoo import load_model
 
@@ -225,7 +223,7 @@ def shipped(request) -> tuple[str, nn.Module]:
 def test_shipped_non_bn_models_have_their_norm_and_are_accurate_on_clean_embedded(shipped, embedded):
     name, model = shipped
     counts = norm_layer_counts(model)
-    kind = SHIPPED_NORM[name]
+    kind = ARCH_MODELS[name]
     assert counts[BN] == 0 and counts[kind] > 0
     assert all(counts[k] == 0 for k in (GN, LN) if k != kind)
     if kind == GN:
@@ -237,7 +235,7 @@ def test_shipped_non_bn_models_have_their_norm_and_are_accurate_on_clean_embedde
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_on_the_shipped_non_bn_models_or_refuses(shipped, embedded, method):
     name, model = shipped
-    kind = SHIPPED_NORM[name]
+    kind = ARCH_MODELS[name]
     x = torch.from_numpy(embedded.x[:8]).permute(0, 3, 1, 2).float() / 255
     kw = dict(OVERRIDES.get(method, {}))
     if getattr(get_method(method), "requires_source_data", False):

@@ -93,9 +93,8 @@ def regularised_inverse(covs: torch.Tensor, eps: float) -> torch.Tensor:
     192 x 192 matrices and larger in torch 2.13 with MKL ("Pivots given to lu_solve must all be
     greater or equal to 1"; seen on this project's machine for 192 and 256, not 64 or 128, and only
     after other linear-algebra calls in the process), e.g. CAFA's per-class covariances of a ViT's
-    192-d features in the test suite. DataError when a
-    covariance is not positive definite (a class whose samples span too few dimensions with
-    `eps` 0, or non-finite features).
+    192-d features in the test suite. DataError when a covariance is not positive definite (a
+    class whose samples span too few dimensions with `eps` 0, or non-finite features).
     """
     d = covs.shape[-1]
     eye = torch.eye(d, dtype=torch.float64, device=covs.device)
