@@ -271,6 +271,29 @@ CONFIGS |= {
 }
 
 
+# round 8 (issue 15's other-architecture target): the shipped LayerNorm ViT (`cifar10_vit`) on the same
+# validation streams. Labels starting "vit:" run on that model (`model_of`); the recipe's defaults
+# were chosen on the BN ResNet-26 above, these rows ask whether they hold on LayerNorm.
+CONFIGS |= {
+    "vit:source": ("source", {}),
+    "vit:auto": CONFIGS[FINAL],
+    # candidates for LayerNorm models, each the adopted recipe with one change (a smaller step on
+    # the LN affines; no affine training at all; ETA's/SAR's reliable-sample entropy filter, used by
+    # SAR and DeYO on ViTs; a stronger pull back to the source weights)
+    "vit:auto_lr1e-4": _ablate(lr="0.0001"),
+    "vit:auto_no_loss": _ablate(loss="none"),
+    "vit:auto_emargin0.4": _ablate(e_margin="0.4"),
+    "vit:auto_src0.9": _ablate(momentum_src="0.9"),
+}
+
+MODELS = {"vit:": "cifar10_vit"}  # label prefix -> shipped model (other labels: cifar10_resnet26)
+
+
+def model_of(label: str) -> str | None:
+    """The shipped model a label runs on (None: the default, `cifar10_resnet26`)."""
+    return next((m for prefix, m in MODELS.items() if label.startswith(prefix)), None)
+
+
 # Every `auto` cell passes all of these explicitly (then the label's own overrides), so a cell means
 # the same configuration whatever the recipe's current defaults are. These are the values the
 # recipe started from (ROID's settings, whole-batch statistics); tuning.csv lists only deviations.
@@ -318,6 +341,7 @@ def cell_for(label: str, scenario: str) -> Cell:
         n_per_domain=n_per_domain,
         overrides=tuple(sorted(overrides.items())),
         data="embedded" if n_per_domain else "auto",
+        model=model_of(label),
     )
 
 
@@ -329,6 +353,7 @@ def summarise(label: str, scenario: str, payload: dict) -> dict:
     method, overrides = CONFIGS[label]
     return {
         "label": label,
+        "model": model_of(label) or "cifar10_resnet26",
         "method": method,
         "overrides": "(defaults)"
         if overrides is None
