@@ -89,11 +89,17 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, fallback: tor
     return torch.where(counts[:, None] > 0, means, fallback.to(features.dtype))
 
 
-def roid_checks(cfg: Any) -> list[tuple[str, bool, str]]:
+def roid_checks(cfg: Any, by_norm_type: bool = False) -> list[tuple[str, bool, str]]:
     """Config checks shared by every recipe with ROID's weighting, source ensembling and SLR loss
-    (fields momentum_src, momentum_probs, temperature, slr_clip, slr_eps)."""
+    (fields momentum_src, momentum_probs, temperature, slr_clip, slr_eps). `by_norm_type`: the
+    recipe also accepts momentum_src None (chosen from the model's normalisation layers)."""
+    unset = by_norm_type and cfg.momentum_src is None
     return [
-        ("momentum_src", 0 <= cfg.momentum_src <= 1, "must be in [0, 1]"),
+        (
+            "momentum_src",
+            unset or (cfg.momentum_src is not None and 0 <= cfg.momentum_src <= 1),
+            "must be in [0, 1]" + (" or None (by the model's norm layers)" if by_norm_type else ""),
+        ),
         ("momentum_probs", 0 <= cfg.momentum_probs <= 1, "must be in [0, 1]"),
         ("temperature", 0 < cfg.temperature < float("inf"), "must be > 0"),
         ("slr_clip", 0 < cfg.slr_clip < 1, "must be in (0, 1)"),
