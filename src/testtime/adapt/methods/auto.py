@@ -143,9 +143,8 @@ class AutoConfig(OptimConfig):
     temperature: float = 1 / 3
     momentum_probs: float = 0.9
     e_margin: float = 0.0
-    momentum_src: float | None = (
-        None  # None: MOMENTUM_SRC_BN_GN, or MOMENTUM_SRC_LN_ONLY on LayerNorm-only models
-    )
+    # None: MOMENTUM_SRC_BN_GN, or MOMENTUM_SRC_LN_ONLY on LayerNorm-only models (`source_momentum`)
+    momentum_src: float | None = None
     prior_correction: bool = True
     prior_rescale: bool = True
     slr_clip: float = 0.99
