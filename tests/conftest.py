@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from testtime.data.cifar import load_embedded_cifar10
+from testtime.models.vit import ViT
 from testtime.utils import state_digest
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -124,3 +125,20 @@ def bn_affine_keys(model: torch.nn.Module, prefix: str = "model.") -> set[str]:
         if isinstance(m, (_BatchNorm, AdaptiveNorm))
         for p in ("weight", "bias")
     }
+
+
+# tiny non-BN models shared by the norm-type tests and the recipes' norm-type checks
+def tiny_gn() -> torch.nn.Module:
+    """A user-style GroupNorm CNN (plain nn.GroupNorm behind frozen-able convolutions), 8x8 RGB."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.GroupNorm(4, 16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+def tiny_ln() -> torch.nn.Module:
+    """A two-block pre-norm ViT (LayerNorm) on 8x8 RGB with 2x2 patches."""
+    torch.manual_seed(0)
+    return ViT(image_size=8, patch_size=2, dim=16, depth=2, heads=2, mlp_ratio=2.0)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import BOOKKEEPING, bn_affine_keys, changed_keys, snapshot, state_hash
+from conftest import BOOKKEEPING, bn_affine_keys, changed_keys, snapshot, state_hash, tiny_gn, tiny_ln
 from testtime.adapt import adapt
 from testtime.adapt.components.consistency import prior_correction
 from testtime.adapt.components.norm_local import NeighbourStatsNorm
@@ -723,36 +723,21 @@ def test_label_diversity_withdraws_the_verdict_for_batches_predicted_over_many_c
         adapt(source_model, "auto", label_diversity=1.5)
 
 
-def _ln_model() -> torch.nn.Module:
-    from testtime.models.vit import ViT
-
-    torch.manual_seed(0)
-    return ViT(image_size=8, patch_size=2, dim=16, depth=2, heads=2, mlp_ratio=2.0)
-
-
-def _gn_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10),
-    )  # fmt: skip
-
-
 def test_source_momentum_is_chosen_by_the_norm_layers_unless_given(source_model):
     # round 8: 0.9 on LayerNorm-only models, ROID's 0.99 on BN and GN models; a given value always wins
-    assert adapt(_ln_model(), "auto").momentum_src == 0.9
-    assert adapt(_gn_model(), "auto").momentum_src == 0.99
+    assert adapt(tiny_ln(), "auto").momentum_src == 0.9
+    assert adapt(tiny_gn(), "auto").momentum_src == 0.99
     assert adapt(source_model, "auto").momentum_src == 0.99
-    assert adapt(_ln_model(), "auto", momentum_src=0.99).momentum_src == 0.99
+    assert adapt(tiny_ln(), "auto", momentum_src=0.99).momentum_src == 0.99
     assert adapt(source_model, "auto", momentum_src="none").momentum_src == 0.99  # from the CLI
     with pytest.raises(ConfigError, match="momentum_src"):
-        adapt(_ln_model(), "auto", momentum_src=-0.1)
+        adapt(tiny_ln(), "auto", momentum_src=-0.1)
 
 
 def test_layernorm_model_ensembles_its_update_at_the_chosen_momentum():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 3, 8, 8, generator=g)
-    a = adapt(_ln_model(), "auto", update_when_label_shifted=True)
+    a = adapt(tiny_ln(), "auto", update_when_label_shifted=True)
     source = [p.detach().clone() for p in a.params]
     stepped: list[list[torch.Tensor]] = []
     a.optimizer.register_step_post_hook(lambda *_: stepped.append([p.detach().clone() for p in a.params]))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import state_hash
+from conftest import state_hash, tiny_gn, tiny_ln
 from testtime.adapt import adapt, get_method, list_methods
 from testtime.adapt.components.norm_types import BN, GN, LN, TRAINS, NormSupport, norm_layer_counts
 from testtime.adapt.components.params import norm_affine_params
@@ -19,22 +19,6 @@ from testtime.models.vit import ViT
 from testtime.models.zoo import build_model
 
 METHODS = list_methods()
-
-
-def tiny_gn() -> nn.Module:
-    """A user-style GroupNorm CNN (plain nn.GroupNorm behind frozen-able convolutions), 8x8 RGB."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    )  # fmt: skip
-
-
-def tiny_ln() -> nn.Module:
-    """A two-block pre-norm ViT (LayerNorm) on 8x8 RGB with 2x2 patches."""
-    torch.manual_seed(0)
-    return ViT(image_size=8, patch_size=2, dim=16, depth=2, heads=2, mlp_ratio=2.0)
 
 
 MODELS = {GN: tiny_gn, LN: tiny_ln}
