@@ -114,3 +114,36 @@ def test_archs_table_memo_subset_rows_stand_apart(tmp_path) -> None:
     ]
     ranks = mod.ranking_table(res, gn_model)
     assert "| continual | 3 |" in ranks and "memo" not in ranks
+
+
+def test_archs_cross_table_is_error_minus_the_source_per_model(tmp_path) -> None:
+    """The every-model table shows each method's error minus the source's on the same model and
+    setting, `·` where a cell (or its source) is missing, and counts its wins over the source per
+    model; the GN-vs-LN ranking compares the two non-BN models over the methods both ran."""
+    mod = _script("archs")
+    gn, vit, bn = "cifar10_resnet26_gn", "cifar10_vit", None
+    errs = {  # model -> method -> continual error
+        bn: {"source": 37.7, "tent": 24.7, "lame": 38.8, "sar": 24.9},
+        gn: {"source": 29.1, "tent": 35.2, "lame": 30.0, "sar": 31.0},
+        vit: {"source": 40.3, "tent": 39.0, "lame": 41.0, "sar": 38.0},
+    }
+    for model, row in errs.items():
+        for m, e in row.items():
+            _cell(tmp_path, model, m, "continual", e)
+    _cell(tmp_path, gn, "tent", "mixed_domains", 38.8)  # no GN source cell there: shown as `·`
+    res = mod.load([tmp_path])
+    assert mod.models(res) == [gn, vit]
+    table = mod.cross_table(res).splitlines()
+    assert table[0].startswith(
+        "| method | continual: BN | continual: GN | continual: LN | mixed_domains: BN |"
+    )
+    assert table[0].endswith("| beats the source |")
+    tent = next(line for line in table if line.startswith("| tent |"))
+    assert tent.startswith("| tent | -13.0 | +6.1 | -1.3 | · | · | · |"), tent
+    assert tent.endswith("| BN 1/1, GN 0/1, LN 1/1 |"), tent
+    assert not any(line.startswith("| source |") for line in table)
+    ranks = mod.ranking_table(res, vit, gn)
+    assert "Spearman ρ (cifar10_resnet26_gn vs cifar10_vit)" in ranks
+    assert "| continual | 4 | -0.60 |" in ranks, ranks  # ranks 2,3,1,4 vs 4,1,3,2: 1 - 6*16/60
+    text = mod.render(res)
+    assert f"### {vit}: rankings against the {gn}" in text and mod.CROSS_TITLE in text

@@ -9,7 +9,9 @@ and beside it the BatchNorm ResNet-26 on the same protocol (full 10k, severity 5
 0) where that cell exists: continual from `cifar10c_paper/` and `default_vs_zoo/`, mixed_domains
 and correlated delta 0.1 from `default_vs_zoo/`. Then, per scenario, how the ranking of the
 methods that ran on both models compares (Spearman's rho over those methods, and the best three on
-each). Nothing is typed in by hand: every number is read from cell files.
+each), the same for the GN model against the ViT, and one table across all three models: each
+method's error minus the source's on the same model and setting, with its count of wins over the
+source per model. Nothing is typed in by hand: every number is read from cell files.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from testtime.bench.suites import MEMO_SUBSET
+from testtime.bench.suites import ARCH_MODELS, MEMO_SUBSET
 from testtime.data.corruptions import CORRUPTIONS
 from testtime.data.streams import DEFAULT_DELTA
 from testtime.models.zoo import cell_model_name
@@ -40,7 +42,8 @@ SETTINGS = (
     ("sorted by label (δ=0)", "correlated", "0.0"),
     ("correlated δ=0.01", "correlated", "0.01"),
 )
-BN_SETTINGS = SETTINGS[:3]  # the BN model's full-10k cells cover these three
+BN_SETTINGS = SETTINGS[:3]
+CROSS_TITLE = "Every model: error minus the source's (points; negative = better than no adaptation)"  # the BN model's full-10k cells cover these three
 # MEMO (stateless per image) runs continual on MEMO_SUBSET images per corruption, beside the source
 # on the same images: rows of their own ("memo (7,500 images)"), the same experiment in every column
 SUBSET_TAG = f" ({len(CORRUPTIONS) * MEMO_SUBSET:,} images)"
@@ -121,23 +124,68 @@ def _best(vals: list[float], methods: list[str]) -> str:
     return ", ".join(f"{m} {v:.1f}" for v, m in sorted(zip(vals, methods))[:3])
 
 
-def ranking_table(res: dict, model: str) -> str:
+def ranking_table(res: dict, model: str, other: str = BN_MODEL) -> str:
+    """Per BN-model setting, how `other`'s ranking of the methods that ran on both compares with `model`'s."""
     lines = [
-        f"| scenario | methods on both | Spearman ρ ({BN_MODEL} vs {model}) | best 3, BN model | best 3, {model} |",
+        f"| scenario | methods on both | Spearman ρ ({other} vs {model}) | best 3, {_label(other)} | best 3, {model} |",
         "| --- | ---: | ---: | --- | --- |",
     ]
     for title, *_ in BN_SETTINGS:
         both = sorted(
             m
             for (mo, t, m) in res
-            if mo == model and t == title and (BN_MODEL, title, m) in res and not m.endswith(SUBSET_TAG)
+            if mo == model and t == title and (other, title, m) in res and not m.endswith(SUBSET_TAG)
         )
         if len(both) < 3:
             continue
-        bn = [res[(BN_MODEL, title, m)][0] for m in both]
-        other = [res[(model, title, m)][0] for m in both]
-        rho = spearmanr(bn, other).statistic
-        lines.append(f"| {title} | {len(both)} | {rho:+.2f} | {_best(bn, both)} | {_best(other, both)} |")
+        a = [res[(other, title, m)][0] for m in both]
+        b = [res[(model, title, m)][0] for m in both]
+        rho = spearmanr(a, b).statistic
+        lines.append(f"| {title} | {len(both)} | {rho:+.2f} | {_best(a, both)} | {_best(b, both)} |")
+    return "\n".join(lines)
+
+
+def _label(model: str) -> str:
+    """Short column label of a model: its kind of normalisation."""
+    short = {"GroupNorm": "GN", "LayerNorm": "LN"}
+    return {BN_MODEL: "BN model"}.get(model, f"{short.get(ARCH_MODELS.get(model, ''), model)} model")
+
+
+def cross_table(res: dict) -> str:
+    """Per method, its error minus the source's on the same model and setting, for every model and the
+    settings all three share; the last column counts the cells where it beat the source, per model."""
+    mods = [BN_MODEL, *models(res)]
+    titles = [t for t, *_ in BN_SETTINGS]
+    methods = sorted(
+        {k[2] for k in res if k[0] != BN_MODEL and k[1] in titles}
+        - {"source"}
+        - {k[2] for k in res if k[2].endswith(SUBSET_TAG)}
+    )
+
+    def delta(model: str, title: str, m: str) -> float | None:
+        if (model, title, m) not in res or (model, title, "source") not in res:
+            return None
+        return res[(model, title, m)][0] - res[(model, title, "source")][0]
+
+    table = {m: [[delta(mo, t, m) for mo in mods] for t in titles] for m in methods}
+
+    def order(m: str) -> tuple[int, float]:
+        vals = [v for row in table[m] for v in row if v is not None]
+        return (0 if m == "auto" else 1, sum(vals) / len(vals))
+
+    def wins(m: str) -> str:
+        parts = []
+        for i, mo in enumerate(mods):
+            vals = [table[m][j][i] for j in range(len(titles)) if table[m][j][i] is not None]
+            if vals:
+                parts.append(f"{_label(mo).split()[0]} {sum(v < 0 for v in vals)}/{len(vals)}")
+        return ", ".join(parts)
+
+    head = [f"{t}: {_label(mo).split()[0]}" for t in titles for mo in mods] + ["beats the source"]
+    lines = ["| method | " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1) + " --- |"]
+    for m in sorted(methods, key=order):
+        vals = ["·" if v is None else f"{v:+.1f}" for row in table[m] for v in row]
+        lines.append(f"| {m} | " + " | ".join(vals) + f" | {wins(m)} |")
     return "\n".join(lines)
 
 
@@ -151,6 +199,11 @@ def render(res: dict) -> str:
     for model in models(res):
         parts.append(f"### {model}: error (%), [n] = collapse-guard restores\n\n{model_table(res, model)}\n")
         parts.append(f"### {model}: rankings against the BN ResNet-26\n\n{ranking_table(res, model)}\n")
+    if len(models(res)) > 1:
+        a, b = models(res)[:2]
+        parts.append(f"### {b}: rankings against the {a}\n\n{ranking_table(res, b, a)}\n")
+    if models(res):
+        parts.append(f"### {CROSS_TITLE}\n\n{cross_table(res)}\n")
     return "\n".join(parts)
 
 
@@ -171,23 +224,29 @@ def main() -> None:
         write_main_readme(res)
 
 
+CROSS = "every model"  # the cross-model table's marker name
+
+
 def main_readme_marker(model: str) -> str:
     return f"<!-- archs table: {model} (python benchmarks/archs/table.py --write) -->\n"
 
 
 def write_main_readme(res: dict) -> None:
-    """Each model's error table into the main README, after its marker line (where there is one)."""
+    """Each model's error table, and the cross-model table, into the main README after their marker
+    lines (where there are some)."""
     path = HERE.parents[1] / "README.md"
     s = path.read_text()
-    for model in models(res):
-        marker = main_readme_marker(model)
+    tables = {main_readme_marker(m): model_table(res, m) for m in models(res)}
+    if models(res):
+        tables[main_readme_marker(CROSS)] = cross_table(res)
+    for marker, table in tables.items():
         if marker not in s:
             continue
         start = s.index(marker) + len(marker)
         if s.startswith("|", start):  # replace the table written last time
-            s = s[:start] + model_table(res, model) + s[s.index("\n\n", start) :]
+            s = s[:start] + table + s[s.index("\n\n", start) :]
         else:
-            s = s[:start] + model_table(res, model) + "\n" + s[start:]
+            s = s[:start] + table + "\n" + s[start:]
     path.write_text(s)
 
 
