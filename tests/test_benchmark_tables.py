@@ -131,6 +131,7 @@ def test_archs_cross_table_is_error_minus_the_source_per_model(tmp_path) -> None
         for m, e in row.items():
             _cell(tmp_path, model, m, "continual", e)
     _cell(tmp_path, gn, "tent", "mixed_domains", 38.8)  # no GN source cell there: shown as `·`
+    _cell(tmp_path, gn, "t3a", "continual", 29.1 - 0.004)  # rounds to no difference: not a win
     res = mod.load([tmp_path])
     assert mod.models(res) == [gn, vit]
     table = mod.cross_table(res).splitlines()
@@ -142,6 +143,8 @@ def test_archs_cross_table_is_error_minus_the_source_per_model(tmp_path) -> None
     assert tent.startswith("| tent | -13.0 | +6.1 | -1.3 | · | · | · |"), tent
     assert tent.endswith("| BN 1/1, GN 0/1, LN 1/1 |"), tent
     assert not any(line.startswith("| source |") for line in table)
+    t3a = next(line for line in table if line.startswith("| t3a |"))
+    assert t3a.startswith("| t3a | · | +0.0 | · |") and t3a.endswith("| GN 0/1 |"), t3a
     ranks = mod.ranking_table(res, vit, gn)
     assert "Spearman ρ (cifar10_resnet26_gn vs cifar10_vit)" in ranks
     assert "| continual | 4 | -0.60 |" in ranks, ranks  # ranks 2,3,1,4 vs 4,1,3,2: 1 - 6*16/60

@@ -165,7 +165,8 @@ def cross_table(res: dict) -> str:
     def delta(model: str, title: str, m: str) -> float | None:
         if (model, title, m) not in res or (model, title, "source") not in res:
             return None
-        return res[(model, title, m)][0] - res[(model, title, "source")][0]
+        # to the 0.1 points shown (no "-0.0"), and a win is a difference that shows
+        return round(res[(model, title, m)][0] - res[(model, title, "source")][0], 1) + 0.0
 
     table = {m: [[delta(mo, t, m) for mo in mods] for t in titles] for m in methods}
 
