@@ -22,6 +22,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
+from testtime.adapt.components.norm_types import BN, SHORT
 from testtime.bench.suites import ARCH_MODELS, MEMO_SUBSET
 from testtime.data.corruptions import CORRUPTIONS
 from testtime.data.streams import DEFAULT_DELTA
@@ -42,8 +43,8 @@ SETTINGS = (
     ("sorted by label (δ=0)", "correlated", "0.0"),
     ("correlated δ=0.01", "correlated", "0.01"),
 )
-BN_SETTINGS = SETTINGS[:3]
-CROSS_TITLE = "Every model: error minus the source's (points; negative = better than no adaptation)"  # the BN model's full-10k cells cover these three
+BN_SETTINGS = SETTINGS[:3]  # the BN model's full-10k cells cover these three
+CROSS_TITLE = "Every model: error minus the source's (points; negative = better than no adaptation)"
 # MEMO (stateless per image) runs continual on MEMO_SUBSET images per corruption, beside the source
 # on the same images: rows of their own ("memo (7,500 images)"), the same experiment in every column
 SUBSET_TAG = f" ({len(CORRUPTIONS) * MEMO_SUBSET:,} images)"
@@ -127,7 +128,7 @@ def _best(vals: list[float], methods: list[str]) -> str:
 def ranking_table(res: dict, model: str, other: str = BN_MODEL) -> str:
     """Per BN-model setting, how `other`'s ranking of the methods that ran on both compares with `model`'s."""
     lines = [
-        f"| scenario | methods on both | Spearman ρ ({other} vs {model}) | best 3, {_label(other)} | best 3, {model} |",
+        f"| scenario | methods on both | Spearman ρ ({other} vs {model}) | best 3, {_short(other)} model | best 3, {model} |",
         "| --- | ---: | ---: | --- | --- |",
     ]
     for title, *_ in BN_SETTINGS:
@@ -145,10 +146,9 @@ def ranking_table(res: dict, model: str, other: str = BN_MODEL) -> str:
     return "\n".join(lines)
 
 
-def _label(model: str) -> str:
-    """Short column label of a model: its kind of normalisation."""
-    short = {"GroupNorm": "GN", "LayerNorm": "LN"}
-    return {BN_MODEL: "BN model"}.get(model, f"{short.get(ARCH_MODELS.get(model, ''), model)} model")
+def _short(model: str) -> str:
+    """A model's kind of normalisation, short ("BN", "GN", "LN"), as its column label; else its name."""
+    return SHORT[BN] if model == BN_MODEL else SHORT.get(ARCH_MODELS.get(model, ""), model)
 
 
 def cross_table(res: dict) -> str:
@@ -157,9 +157,11 @@ def cross_table(res: dict) -> str:
     mods = [BN_MODEL, *models(res)]
     titles = [t for t, *_ in BN_SETTINGS]
     methods = sorted(
-        {k[2] for k in res if k[0] != BN_MODEL and k[1] in titles}
-        - {"source"}
-        - {k[2] for k in res if k[2].endswith(SUBSET_TAG)}
+        {
+            m
+            for (mo, t, m) in res
+            if mo != BN_MODEL and t in titles and m != "source" and not m.endswith(SUBSET_TAG)
+        }
     )
 
     def delta(model: str, title: str, m: str) -> float | None:
@@ -179,10 +181,10 @@ def cross_table(res: dict) -> str:
         for i, mo in enumerate(mods):
             vals = [table[m][j][i] for j in range(len(titles)) if table[m][j][i] is not None]
             if vals:
-                parts.append(f"{_label(mo).split()[0]} {sum(v < 0 for v in vals)}/{len(vals)}")
+                parts.append(f"{_short(mo)} {sum(v < 0 for v in vals)}/{len(vals)}")
         return ", ".join(parts)
 
-    head = [f"{t}: {_label(mo).split()[0]}" for t in titles for mo in mods] + ["beats the source"]
+    head = [f"{t}: {_short(mo)}" for t in titles for mo in mods] + ["beats the source"]
     lines = ["| method | " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1) + " --- |"]
     for m in sorted(methods, key=order):
         vals = ["·" if v is None else f"{v:+.1f}" for row in table[m] for v in row]
@@ -196,14 +198,14 @@ def models(res: dict) -> list[str]:
 
 
 def render(res: dict) -> str:
-    parts = []
-    for model in models(res):
+    parts, ms = [], models(res)
+    for model in ms:
         parts.append(f"### {model}: error (%), [n] = collapse-guard restores\n\n{model_table(res, model)}\n")
         parts.append(f"### {model}: rankings against the BN ResNet-26\n\n{ranking_table(res, model)}\n")
-    if len(models(res)) > 1:
-        a, b = models(res)[:2]
+    if len(ms) > 1:
+        a, b = ms[:2]
         parts.append(f"### {b}: rankings against the {a}\n\n{ranking_table(res, b, a)}\n")
-    if models(res):
+    if ms:
         parts.append(f"### {CROSS_TITLE}\n\n{cross_table(res)}\n")
     return "\n".join(parts)
 
@@ -237,8 +239,9 @@ def write_main_readme(res: dict) -> None:
     lines (where there are some)."""
     path = HERE.parents[1] / "README.md"
     s = path.read_text()
-    tables = {main_readme_marker(m): model_table(res, m) for m in models(res)}
-    if models(res):
+    ms = models(res)
+    tables = {main_readme_marker(m): model_table(res, m) for m in ms}
+    if ms:
         tables[main_readme_marker(CROSS)] = cross_table(res)
     for marker, table in tables.items():
         if marker not in s:
